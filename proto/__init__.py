@@ -1,0 +1,1 @@
+"""The router–shard contract: stubs generated from generate.proto at build time."""
