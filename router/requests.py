@@ -1,0 +1,87 @@
+"""The request types that pass between the router's HTTP layer and its engine.
+
+The HTTP layer validates and tokenizes, builds a `GenerationRequest` and submits it to the
+engine; the engine schedules it on the shards and yields `PrefillEvent`/`TokenEvent`s in
+token ids only. Text (detokenization, stop sequences) stays in the HTTP layer, which cancels
+a request through its handle when a stop sequence matches or the client goes away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen; the meaning of each field is in generate.proto."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    do_sample: bool = False
+    seed: int = 0
+    watermark: bool = False
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    """When the shard stops a request on its own."""
+
+    max_new_tokens: int
+    ignore_eos_token: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """A validated, tokenized request, ready for the queue."""
+
+    input_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
+    # Cache priority of the prompt's blocks: higher is evicted later (0 = normal).
+    cache_priority: int = 0
+    # The HTTP request's trace context travels with the request (OpenTelemetry Context).
+    trace_context: object | None = None
+    # Absolute deadline on the loop clock (time.monotonic()), or None.
+    deadline: float | None = None
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclass(frozen=True)
+class PrefillEvent:
+    """Log-probabilities of prompt tokens (sent when prefill_logprobs was asked)."""
+
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; finish_reason is set on the last one the engine sends."""
+
+    id: int
+    logprob: float
+    top_tokens: tuple[tuple[int, float], ...] = field(default=())
+    finish_reason: FinishReason | None = None
+
+
+class GenerationError(Exception):
+    """Generation failed on the shards; the HTTP layer answers 424."""
+
+
+class QueueFullError(Exception):
+    """The engine holds --max-concurrent-requests already; the HTTP layer answers 429."""
