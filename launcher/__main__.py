@@ -1,0 +1,3 @@
+from shardgen.launcher.main import main
+
+main()
