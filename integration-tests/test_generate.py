@@ -15,7 +15,7 @@ import requests
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import STORIES, Server
+from harness import STORIES, Server
 
 pytestmark = pytest.mark.integration
 
