@@ -1,0 +1,82 @@
+"""Model registry and loading: config.json's architecture picks the family.
+
+    model = load_model(path, dtype=torch.bfloat16, device=torch.device("cuda", 0),
+                       rank=r, world_size=n, process_group=group)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.distributed import ProcessGroup
+from transformers import AutoConfig
+
+from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.models.base import CausalLM
+from shardgen.shard.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from shardgen.shard.weights import iter_checkpoint
+
+__all__ = ["CausalLM", "get_model_class", "load_model", "supported_architectures"]
+
+# Keyed by the names in config.json's `architectures`.
+_REGISTRY: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_class(architecture: str) -> type[CausalLM]:
+    """The class implementing `architecture`; ValueError naming it and the supported ones."""
+    try:
+        return _REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+def load_model(
+    model_path: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    process_group: ProcessGroup | None = None,
+) -> CausalLM:
+    """Builds the model of a local HF folder (config.json + *.safetensors) for one rank.
+
+    Each rank reads only its slice of every tensor. With world_size > 1, process_group
+    None means torch.distributed's default group (which must then be initialised before
+    the first forward). Raises ValueError for an unsupported architecture or a model
+    that cannot be split over world_size ranks.
+    """
+    config = AutoConfig.from_pretrained(model_path)
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        raise ValueError(f"{model_path}/config.json names no architecture; supported: {', '.join(supported_architectures())}")
+    model_class = get_model_class(architectures[0])
+    tp = TensorParallelGroup(rank, world_size, process_group)
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config, tp)
+    model.load_weights(iter_checkpoint(model_path))
+    return model.eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created inside get `dtype` (torch has no per-call override for modules)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,183 @@
+"""Tensor-parallel linear layers, each with the loader that reads its rank's slice.
+
+Named after what they shard (PyTorch weight layout [out, in]):
+  ColumnParallelLinear        output features split over ranks; no collective
+  MergedColumnParallelLinear  several column-parallel outputs fused (gate and up)
+  QKVParallelLinear           q, k, v fused, split by heads; KV heads replicated when
+                              there are fewer of them than ranks
+  RowParallelLinear           input features split over ranks; all-reduce of the output
+
+A column-parallel layer feeds a row-parallel one, so a block costs one all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    """numerator / denominator, or ValueError naming `what` when it does not divide."""
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator
+
+
+class _ParallelLinear(nn.Module):
+    """Holds a [out_local, in_local] weight and optional [out_local] bias."""
+
+    def __init__(self, in_local: int, out_local: int, bias: bool, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(torch.empty(out_local), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.bias = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y[:, rank's columns] = x W_r^T: rank r keeps output rows [r*out/N, (r+1)*out/N)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup) -> None:
+        self.output_size_local = divide(output_size, tp.world_size, "output size")
+        super().__init__(input_size, self.output_size_local, bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        size = self.output_size_local
+        check_shape(loaded, [size * self.tp.world_size, *param.shape[1:]])
+        param.data.copy_(loaded[self.tp.rank * size:(self.tp.rank + 1) * size])
+
+
+class MergedColumnParallelLinear(_ParallelLinear):
+    """Several column-parallel projections of one input in one matmul.
+
+    Rank r's weight is [part_0 rows of rank r; part_1 rows of rank r; ...]; shard id i
+    names the checkpoint tensor of part i (e.g. 0 = gate_proj, 1 = up_proj).
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TensorParallelGroup) -> None:
+        self.local_sizes = [divide(size, tp.world_size, "output size") for size in output_sizes]
+        super().__init__(input_size, sum(self.local_sizes), bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        (index,) = shard_id
+        if not isinstance(index, int) or not 0 <= index < len(self.local_sizes):
+            raise ValueError(f"shard id must be an int in [0, {len(self.local_sizes)}), got {index!r}")
+        size = self.local_sizes[index]
+        offset = sum(self.local_sizes[:index])
+        check_shape(loaded, [size * self.tp.world_size, *param.shape[1:]])
+        start = self.tp.rank * size
+        param.data[offset:offset + size].copy_(loaded[start:start + size])
+
+
+def kv_heads_of_rank(num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first KV head, count) that `rank` holds.
+
+    With at least as many KV heads as ranks each rank holds its own contiguous share; with
+    fewer, each rank holds one replicated head: the one its query heads attend with.
+    """
+    if num_kv_heads >= world_size:
+        count = num_kv_heads // world_size
+        return rank * count, count
+    return rank * num_kv_heads // world_size, 1
+
+
+def check_head_split(num_heads: int, num_kv_heads: int, world_size: int) -> None:
+    """Raises ValueError unless the heads can be spread evenly over `world_size` ranks.
+
+    Query heads must divide evenly; KV heads must divide evenly, or divide world_size so
+    that every rank's query heads share a single (replicated) KV head.
+    """
+    kv_ok = num_kv_heads % world_size == 0 or world_size % num_kv_heads == 0
+    if num_heads % num_kv_heads or num_heads % world_size or not kv_ok:
+        raise ValueError(
+            f"cannot split num_attention_heads={num_heads}, num_key_value_heads={num_kv_heads} "
+            f"over {world_size} tensor-parallel ranks"
+        )
+
+
+class QKVParallelLinear(_ParallelLinear):
+    """Query, key and value projections fused; rank r keeps its heads of each.
+
+    Local layout of the output: [q heads of r | k heads of r | v heads of r], each head
+    `head_dim` wide. Shard ids "q", "k", "v" name the checkpoint tensors.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: TensorParallelGroup,
+    ) -> None:
+        check_head_split(num_heads, num_kv_heads, tp.world_size)
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.world_size
+        self.first_kv_head, self.num_kv_heads = kv_heads_of_rank(num_kv_heads, tp.rank, tp.world_size)
+        self.total_kv_heads = num_kv_heads
+        out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden_size, out_local, bias, tp)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def _placement(self, which: object) -> tuple[int, int, int, int]:
+        """(heads in the checkpoint tensor, first head kept, heads kept, local row offset)."""
+        if which == "q":
+            return self.num_heads * self.tp.world_size, self.tp.rank * self.num_heads, self.num_heads, 0
+        if which in ("k", "v"):
+            offset = self.q_size + (self.kv_size if which == "v" else 0)
+            return self.total_kv_heads, self.first_kv_head, self.num_kv_heads, offset
+        raise ValueError(f"shard id must be 'q', 'k' or 'v', got {which!r}")
+
+    def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        (which,) = shard_id
+        total, first, count, offset = self._placement(which)
+        d = self.head_dim
+        check_shape(loaded, [total * d, *param.shape[1:]])
+        param.data[offset:offset + count * d].copy_(loaded[first * d:(first + count) * d])
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = sum over ranks of x_r W_r^T (+ bias): rank r keeps input columns of its share.
+
+    The bias is replicated and added once, after the all-reduce.
+    """
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup) -> None:
+        self.input_size_local = divide(input_size, tp.world_size, "input size")
+        super().__init__(self.input_size_local, output_size, bias, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        if param.dim() == 1:  # the bias is not split
+            default_weight_loader(param, loaded)
+            return
+        size = self.input_size_local
+        check_shape(loaded, [param.shape[0], size * self.tp.world_size])
+        param.data.copy_(loaded[:, self.tp.rank * size:(self.tp.rank + 1) * size])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
