@@ -111,6 +111,10 @@ class BlockManager:
         """Blocks in the prefix index that no request references (evictable)."""
         return self._index.num_evictable
 
+    def ref_count(self, block_id: int) -> int:
+        """References requests hold on `block_id` (tables and pinned twins)."""
+        return self._ref_counts[block_id]
+
     def has_request(self, request_id: int) -> bool:
         """Whether `request_id` holds an allocation (until `free`)."""
         return request_id in self._requests
@@ -258,6 +262,10 @@ class BlockManager:
         states = [on_free_list, cached is not None and not referenced, referenced]
         assert sum(states) == 1, (
             f"block {block_id} is in {sum(states)} states (free, cached, used) = {states}"
+        )
+        # Requests share blocks only through the index.
+        assert cached is not None or self._ref_counts[block_id] <= 1, (
+            f"block {block_id} is not indexed but has {self._ref_counts[block_id]} references"
         )
         if cached is not None:
             assert cached.evictable == (not referenced), (
