@@ -1,0 +1,168 @@
+"""The shard's configuration: parsed once, at the process entry, into a frozen object.
+
+Command-line flags give the model and the serving knobs; the tensor-parallel placement
+comes from the environment the launcher sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+Nothing else in the shard reads argv or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+_DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that the shard cannot run with."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything a shard process needs to know, resolved (no "auto" left)."""
+
+    model_id: str
+    uds_path: str
+    dtype: str                  # "float32" | "float16" | "bfloat16"
+    device_type: str            # "cpu" | "cuda"
+    block_size: int
+    kv_cache_bytes: int         # KV cache size on CPU
+    num_blocks: int | None      # forces the KV cache size when set (block 0 included)
+    cuda_memory_fraction: float
+    distributed_timeout_s: float
+    json_output: bool
+    log_level: str
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    otlp_endpoint: str | None = None
+    otlp_service_name: str | None = None
+
+    @property
+    def socket_path(self) -> str:
+        """This rank's unix socket file."""
+        return socket_path(self.uds_path, self.rank)
+
+    @property
+    def address(self) -> str:
+        """This rank's gRPC address."""
+        return f"unix://{self.socket_path}"
+
+    def shard_addresses(self) -> list[str]:
+        """The gRPC addresses of every rank, in rank order."""
+        return [f"unix://{socket_path(self.uds_path, rank)}" for rank in range(self.world_size)]
+
+
+def socket_path(uds_path: str, rank: int) -> str:
+    """The socket file of `rank` under the launcher's prefix."""
+    return f"{uds_path}-{rank}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardgen-shard",
+        description="One model shard: a tensor-parallel slice of the model and its KV cache, "
+                    "served over gRPC on a unix socket.")
+    parser.add_argument("--model-id", required=True, help="Local model folder.")
+    parser.add_argument("--uds-path", required=True,
+                        help="Socket prefix; this rank listens on PREFIX-RANK.")
+    parser.add_argument("--dtype", default="auto", choices=_DTYPES,
+                        help="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU).")
+    parser.add_argument("--device", default="auto", choices=_DEVICES,
+                        help="auto: CUDA when available; CUDA uses GPU index = rank.")
+    parser.add_argument("--block-size", type=int, default=16, help="Tokens per KV block.")
+    parser.add_argument("--kv-cache-bytes", type=int, default=_DEFAULT_KV_CACHE_BYTES,
+                        help="KV cache size on CPU, in bytes.")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="Force this many KV blocks, block 0 included (overrides sizing).")
+    parser.add_argument("--cuda-memory-fraction", type=float, default=0.9,
+                        help="Share of the GPU's memory the shard may use in total.")
+    parser.add_argument("--distributed-timeout-s", type=float, default=600.0,
+                        help="Timeout of collective operations, in seconds.")
+    parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
+    parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
+    # Forwarded by the launcher with its router flags; accepted so that the command line
+    # stays one list, not yet used by the shard (it exports no spans of its own).
+    parser.add_argument("--otlp-endpoint", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-service-name", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
+                 *, cuda_available: bool | None = None) -> ShardConfig:
+    """Parse flags and the distributed environment; raise ConfigError on bad values.
+
+    `cuda_available` resolves `--device auto`; None asks torch (imported only then).
+    """
+    args = build_parser().parse_args(argv)
+    rank = _env_int(env, "RANK", 0)
+    world_size = _env_int(env, "WORLD_SIZE", 1)
+    master_port = _env_int(env, "MASTER_PORT", 29500)
+    _check(world_size >= 1, f"WORLD_SIZE must be at least 1, got {world_size}")
+    _check(0 <= rank < world_size, f"RANK must be in [0, {world_size}), got {rank}")
+    _check(args.block_size >= 1, f"--block-size must be at least 1, got {args.block_size}")
+    _check(args.kv_cache_bytes >= 1,
+           f"--kv-cache-bytes must be positive, got {args.kv_cache_bytes}")
+    _check(args.num_blocks is None or args.num_blocks >= 2,
+           f"--num-blocks must be at least 2 (block 0 is reserved), got {args.num_blocks}")
+    _check(0.0 < args.cuda_memory_fraction <= 1.0,
+           f"--cuda-memory-fraction must be in (0, 1], got {args.cuda_memory_fraction}")
+    _check(args.distributed_timeout_s > 0,
+           f"--distributed-timeout-s must be positive, got {args.distributed_timeout_s}")
+    device_type = _resolve_device(args.device, cuda_available)
+    return ShardConfig(
+        model_id=args.model_id,
+        uds_path=args.uds_path,
+        dtype=_resolve_dtype(args.dtype, device_type),
+        device_type=device_type,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        num_blocks=args.num_blocks,
+        cuda_memory_fraction=args.cuda_memory_fraction,
+        distributed_timeout_s=args.distributed_timeout_s,
+        json_output=args.json_output,
+        log_level=args.log_level,
+        rank=rank,
+        world_size=world_size,
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=master_port,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name,
+    )
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _resolve_device(device: str, cuda_available: bool | None) -> str:
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if device == "cuda" and not cuda_available:
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def _resolve_dtype(dtype: str, device_type: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
