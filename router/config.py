@@ -1,0 +1,243 @@
+"""The router's configuration: parsed once from argv at the process entry.
+
+`parse_args` turns the command line into a frozen `RouterConfig`. Some limits depend on the
+model (its longest sequence) or on the shards' KV capacity and are unknown until the shards
+answer; those fields hold None after parsing, and `resolve_limits` fills them in and checks
+them once the router has the shards' Info and Warmup answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# TGI's default ceiling on the longest sequence when the model allows more.
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+# TGI sizes the default prefill budget a little above the longest prompt so that block
+# alignment never makes the longest prompt miss it.
+PREFILL_TOKENS_MARGIN = 50
+
+
+class ConfigError(ValueError):
+    """A setting contradicts another one or a limit of the model."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Every setting of the router process.
+
+    The token limits that are None after `parse_args` derive from the model and the
+    shards; `resolve_limits` returns a copy where none of them is None.
+    """
+
+    model_id: str
+    tokenizer: str
+    # The name /info reports (the launcher passes the hub id it resolved to model_id).
+    served_model_name: str = ""
+    uds_path: str = "/tmp/shardgen-server"
+    num_shard: int = 1
+    hostname: str = "127.0.0.1"
+    port: int = 3000
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int | None = None
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    enable_prefix_caching: bool = True
+    # Requests that do not say max_new_tokens get this many at most.
+    default_max_new_tokens: int = 100
+    payload_limit: int = 2_000_000
+    # Seconds that running requests get to finish after SIGTERM/SIGINT.
+    drain_timeout_s: float = 30.0
+    # Bearer token every API route requires; None leaves the API open.
+    api_key: str | None = None
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "shardgen-router"
+    json_output: bool = False
+    log_level: str = "info"
+
+    def limits_resolved(self) -> bool:
+        """True once `resolve_limits` has filled every model-dependent limit."""
+        return None not in (self.max_input_tokens, self.max_total_tokens,
+                            self.max_batch_prefill_tokens, self.max_batch_total_tokens)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `shardgen-router` command line (TGI's router flags, same names and defaults)."""
+    defaults = RouterConfig(model_id="", tokenizer="")
+    p = argparse.ArgumentParser(
+        prog="shardgen-router",
+        description="HTTP front end of shardgen: validation, tokenization, batching, streaming.")
+    p.add_argument("--model-id", required=True, help="model folder the shards loaded")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model-id)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name that /info reports (default: --model-id)")
+    p.add_argument("--uds-path", default=defaults.uds_path,
+                   help="prefix of the shards' unix sockets; shard i listens on PREFIX-i")
+    p.add_argument("--num-shard", type=_positive_int, default=defaults.num_shard)
+    p.add_argument("--hostname", default=defaults.hostname)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--max-concurrent-requests", type=_positive_int,
+                   default=defaults.max_concurrent_requests)
+    p.add_argument("--max-best-of", type=_positive_int, default=defaults.max_best_of)
+    p.add_argument("--max-stop-sequences", type=_non_negative_int,
+                   default=defaults.max_stop_sequences)
+    p.add_argument("--max-top-n-tokens", type=_non_negative_int,
+                   default=defaults.max_top_n_tokens)
+    p.add_argument("--max-input-tokens", type=_positive_int, default=None,
+                   help="default: --max-total-tokens minus 1")
+    p.add_argument("--max-total-tokens", type=_positive_int, default=None,
+                   help=f"default: min(max_position_embeddings, {DEFAULT_MAX_TOTAL_TOKENS})")
+    p.add_argument("--max-batch-prefill-tokens", type=_positive_int, default=None,
+                   help=f"default: --max-input-tokens plus {PREFILL_TOKENS_MARGIN}")
+    p.add_argument("--max-batch-total-tokens", type=_positive_int, default=None,
+                   help="default: every KV slot the shards report at warm-up")
+    p.add_argument("--max-batch-size", type=_positive_int, default=None)
+    p.add_argument("--waiting-served-ratio", type=_non_negative_float,
+                   default=defaults.waiting_served_ratio)
+    p.add_argument("--max-waiting-tokens", type=_non_negative_int,
+                   default=defaults.max_waiting_tokens)
+    p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--default-max-new-tokens", type=_positive_int,
+                   default=defaults.default_max_new_tokens,
+                   help="max_new_tokens of requests that do not give one")
+    p.add_argument("--payload-limit", type=_positive_int, default=defaults.payload_limit,
+                   help="largest request body in bytes")
+    p.add_argument("--drain-timeout", type=_non_negative_float, default=defaults.drain_timeout_s,
+                   help="seconds running requests get to finish on SIGTERM/SIGINT")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every API route")
+    p.add_argument("--otlp-endpoint", default=None, help="OTLP traces endpoint")
+    p.add_argument("--otlp-service-name", default=defaults.otlp_service_name)
+    p.add_argument("--json-output", action="store_true", help="log one JSON object per line")
+    p.add_argument("--log-level", default=defaults.log_level,
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   type=str.lower)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
+    """Parse the command line (sys.argv[1:] when argv is None) into a RouterConfig.
+
+    Exits with status 2 and a usage message on a malformed flag, like any argparse program.
+    Limits that can be checked without the model are checked here (ConfigError).
+    """
+    args = build_parser().parse_args(argv)
+    config = RouterConfig(
+        model_id=args.model_id,
+        tokenizer=args.tokenizer or args.model_id,
+        served_model_name=args.served_model_name or args.model_id,
+        uds_path=args.uds_path,
+        num_shard=args.num_shard,
+        hostname=args.hostname,
+        port=args.port,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences,
+        max_top_n_tokens=args.max_top_n_tokens,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_batch_size=args.max_batch_size,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_waiting_tokens=args.max_waiting_tokens,
+        enable_prefix_caching=not args.disable_prefix_caching,
+        default_max_new_tokens=args.default_max_new_tokens,
+        payload_limit=args.payload_limit,
+        drain_timeout_s=args.drain_timeout,
+        api_key=args.api_key,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_service_name=args.otlp_service_name,
+        json_output=args.json_output,
+        log_level=args.log_level,
+    )
+    _check_given_limits(config)
+    return config
+
+
+def _check_given_limits(config: RouterConfig) -> None:
+    """Checks between flags the user gave (the model's limits come later)."""
+    given_input, given_total = config.max_input_tokens, config.max_total_tokens
+    if given_input is not None and given_total is not None and given_input >= given_total:
+        raise ConfigError(f"--max-input-tokens ({given_input}) must be less than "
+                          f"--max-total-tokens ({given_total})")
+
+
+def resolve_limits(config: RouterConfig, *, max_position_embeddings: int,
+                   kv_capacity_tokens: int | None = None) -> RouterConfig:
+    """Fill the token limits that were left to the model, and check them all.
+
+    max_position_embeddings: the model's longest sequence (the shards' Info).
+    kv_capacity_tokens: KV slots the shards can hold (blocks times block size, from Warmup);
+        None before warm-up, in which case max_batch_total_tokens stays as given.
+    Raises ConfigError naming the flag, its value and the limit it breaks.
+    """
+    total = config.max_total_tokens
+    if total is None:
+        total = min(max_position_embeddings, DEFAULT_MAX_TOTAL_TOKENS)
+        if config.max_input_tokens is not None and config.max_input_tokens >= total:
+            total = min(max_position_embeddings, config.max_input_tokens + 1)
+    if total > max_position_embeddings:
+        raise ConfigError(f"--max-total-tokens ({total}) exceeds the model's "
+                          f"max_position_embeddings ({max_position_embeddings})")
+    max_input = config.max_input_tokens if config.max_input_tokens is not None else total - 1
+    if max_input >= total:
+        raise ConfigError(f"--max-input-tokens ({max_input}) must be less than "
+                          f"--max-total-tokens ({total})")
+    prefill = config.max_batch_prefill_tokens
+    if prefill is None:
+        prefill = max_input + PREFILL_TOKENS_MARGIN
+    if prefill < max_input:
+        raise ConfigError(f"--max-batch-prefill-tokens ({prefill}) must be at least "
+                          f"--max-input-tokens ({max_input})")
+    batch_total = config.max_batch_total_tokens
+    if batch_total is None and kv_capacity_tokens is not None:
+        batch_total = kv_capacity_tokens
+    if batch_total is not None:
+        _check_batch_total(batch_total, total, prefill, kv_capacity_tokens)
+    return dataclasses.replace(config, max_total_tokens=total, max_input_tokens=max_input,
+                               max_batch_prefill_tokens=prefill,
+                               max_batch_total_tokens=batch_total)
+
+
+def _check_batch_total(batch_total: int, max_total: int, prefill: int,
+                       kv_capacity_tokens: int | None) -> None:
+    if batch_total < max_total:
+        raise ConfigError(f"--max-batch-total-tokens ({batch_total}) must be at least "
+                          f"--max-total-tokens ({max_total})")
+    if batch_total < prefill:
+        raise ConfigError(f"--max-batch-total-tokens ({batch_total}) must be at least "
+                          f"--max-batch-prefill-tokens ({prefill})")
+    if kv_capacity_tokens is not None and batch_total > kv_capacity_tokens:
+        raise ConfigError(f"--max-batch-total-tokens ({batch_total}) exceeds the KV capacity "
+                          f"of the shards ({kv_capacity_tokens} tokens)")

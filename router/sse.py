@@ -1,0 +1,52 @@
+"""Server-sent events over aiohttp: one `data: {json}` event per message.
+
+The response is opened lazily, on the first event, so that a handler can still answer
+with a plain JSON error (and its status code) when a request fails before its first token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+
+_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # Reverse proxies (nginx) buffer responses unless told not to; tokens must flow.
+    "X-Accel-Buffering": "no",
+}
+
+
+class EventStream:
+    """Writes SSE `data:` events to one HTTP response.
+
+    `send` raises ConnectionResetError once the client has gone away; the caller should
+    then stop producing (and cancel the work behind the stream).
+    """
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._response: web.StreamResponse | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the status line and headers have been sent."""
+        return self._response is not None
+
+    async def send(self, data: Mapping[str, object]) -> None:
+        """Write one event whose data is `data` as JSON (on one line)."""
+        if self._response is None:
+            response = web.StreamResponse(status=200, headers=_HEADERS)
+            await response.prepare(self._request)
+            self._response = response
+        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        await self._response.write(f"data: {payload}\n\n".encode())
+
+    async def finish(self) -> web.StreamResponse:
+        """End the stream and return the response for the handler to return."""
+        if self._response is None:
+            raise RuntimeError("finish() before any event was sent: answer with a JSON body")
+        await self._response.write_eof()
+        return self._response

@@ -1,0 +1,68 @@
+"""The router's tokenizer: a Hugging Face tokenizer, with slow encodes kept off the loop.
+
+Prompts are encoded exactly as `tokenizer(text)["input_ids"]` encodes them (BOS added when
+the tokenizer adds it by default), so that the server sees the ids transformers' own
+`generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on one
+worker thread so that the event loop keeps streaming tokens meanwhile. Short prompts are
+encoded inline, where a thread hop would cost more than the encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# Prompts longer than this (in characters) are encoded on the worker thread.
+INLINE_ENCODE_MAX_CHARS = 2048
+
+
+class Tokenizer:
+    """Encodes prompts and names the special tokens; wraps a transformers tokenizer."""
+
+    def __init__(self, hf_tokenizer: Any, *,
+                 inline_encode_max_chars: int = INLINE_ENCODE_MAX_CHARS) -> None:
+        self.hf = hf_tokenizer
+        self._inline_max = inline_encode_max_chars
+        # One thread: encodes of one tokenizer object are never concurrent with each other.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self.special_ids: frozenset[int] = _special_token_ids(hf_tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Load with `AutoTokenizer.from_pretrained(path)` (a folder with tokenizer files)."""
+        from transformers import AutoTokenizer  # heavy import, only where a tokenizer loads
+
+        return cls(AutoTokenizer.from_pretrained(str(path)))
+
+    def encode_sync(self, text: str) -> list[int]:
+        """Token ids of text, special tokens (BOS) added as the tokenizer does by default."""
+        return list(self.hf(text, add_special_tokens=True)["input_ids"])
+
+    async def encode(self, text: str) -> list[int]:
+        """Like `encode_sync`, on the worker thread when text is long."""
+        if len(text) <= self._inline_max:
+            return self.encode_sync(text)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.encode_sync, text)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of token ids (the `Decoder` that IncrementalDetokenizer needs)."""
+        return str(self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether a token is a special one (BOS, EOS, chat markers...), as TGI reports it."""
+        return token_id in self.special_ids
+
+    def close(self) -> None:
+        """Stop the worker thread (waits for an encode in progress)."""
+        self._executor.shutdown(wait=True)
+
+
+def _special_token_ids(hf_tokenizer: Any) -> frozenset[int]:
+    """The named special tokens, plus added tokens flagged special (chat markers, reserved)."""
+    ids = set(getattr(hf_tokenizer, "all_special_ids", ()))
+    added = getattr(hf_tokenizer, "added_tokens_decoder", {}) or {}
+    ids.update(token_id for token_id, token in added.items() if getattr(token, "special", False))
+    return frozenset(ids)
