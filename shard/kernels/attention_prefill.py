@@ -1,0 +1,192 @@
+"""Paged prefill attention: varlen causal queries over a paged cache with a cached prefix.
+
+Algorithm (flash-attention 2 over the block table)
+  Sequence b brings q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens whose K/V
+  are already in the cache; its i-th sits at position ctx_b + i, ctx_b = seq_len_b - q_len_b
+  (a reused prefix or earlier chunks). Program (b, t, g) takes BLOCK_Q of those tokens and
+  the QPK = Hq / Hkv query heads that share KV head g, packed as BLOCK_M = BLOCK_Q * QPK
+  rows (row r = token r // QPK, head r % QPK): every K/V tile is loaded once for all heads
+  of the group, which multiplies the tile's reuse by QPK. It walks the keys that any of its
+  rows can see, [lo, hi) with hi = last row's position + 1 and lo = 0 or, with a sliding
+  window, first row's position - window + 1, in BLOCK_N tiles gathered through the block
+  table (paged_tiles), masking per row: key <= position (causal) and key > position -
+  window. Online softmax in fp32, one normalisation at the end, output in q's dtype.
+  The grid's second axis covers max_seqlen_q; programs past a sequence's q_len exit.
+
+Memory floor (bytes, e = element size):
+  2 * sum_b S_b * Hkv * D * e     K and V of every visible position, read once
+  + 2 * T * Hq * D * e            q in, output out
+  (the kernel rereads K/V once per query tile: sum_b ceil(q_len_b / BLOCK_Q) * S_b rows.)
+FLOPs (causal, no window): 4 * Hq * D * sum_b sum_i (ctx_b + i + 1) -- prefill is
+compute-bound for q_len beyond a few hundred tokens; measure it in TFLOP/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from shardgen.shard.kernels.checks import dot_precision, next_power_of_2
+from shardgen.shard.kernels.paged_tiles import (
+    LOG2E,
+    NEG_BIG,
+    kv_tile_offsets,
+    normalize,
+    online_softmax_step,
+)
+
+# CUDA caps the second and third grid dimensions at 65535 programs.
+MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters of the prefill kernel; block_m counts packed (token, head) rows."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """Hopper-sized tiles: 128x64 for D <= 128 at 2 bytes, halved where shared memory runs short."""
+    row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+    if row_bytes <= 128:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if row_bytes <= 256:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    cu_seqlens_q_ptr,
+    scale_log2,
+    sliding_window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    QPK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    first = q_tile * BLOCK_Q
+    if first >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    context = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    token = first + rows // QPK
+    heads = kv_head * QPK + rows % QPK
+    # rows // QPK < BLOCK_Q drops the spare rows when QPK does not divide BLOCK_M.
+    row_ok = (rows // QPK < BLOCK_Q) & (token < q_len)
+    positions = context + token
+    dims = tl.arange(0, HEAD_DIM)
+    token_rows = (q_start + token).to(tl.int64)
+    q = tl.load(
+        q_ptr + token_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+
+    last = context + tl.minimum(first + BLOCK_Q, q_len) - 1
+    hi = tl.minimum(last + 1, seq_len)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(context + first - sliding_window + 1, 0)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    for tile_start in range(lo, hi, BLOCK_N):
+        keys = tile_start + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        offsets = kv_tile_offsets(table_row, keys, key_ok, kv_head, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE)
+        k = tl.load(k_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+        visible = key_ok[None, :] & (keys[None, :] <= positions[:, None])
+        if USE_WINDOW:
+            visible = visible & (keys[None, :] > positions[:, None] - sliding_window)
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+
+    out = normalize(acc, l_i)
+    tl.store(
+        out_ptr + token_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def launch_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    sliding_window: int,
+    out: torch.Tensor,
+    config: PrefillConfig | None = None,
+) -> None:
+    """Writes varlen paged attention of q [T, Hq, D] into out (every row of a sequence).
+
+    Arguments are validated by attention.paged_attention; call that instead.
+    """
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    qpk = num_q_heads // num_kv_heads
+    cfg = config or default_prefill_config(head_dim, q.dtype)
+    # A group wider than the tile gets a tile of its own (one token per program).
+    block_m = max(cfg.block_m, next_power_of_2(qpk))
+    block_q = block_m // qpk
+    batch = seq_lens.shape[0]
+    grid = (batch, triton.cdiv(max_seqlen_q, block_q), num_kv_heads)
+    if grid[1] > MAX_GRID_Y:
+        raise ValueError(
+            f"max_seqlen_q {max_seqlen_q} needs {grid[1]} query tiles of {block_q} tokens, "
+            f"more than the grid allows ({MAX_GRID_Y}); split the prefill into chunks"
+        )
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q,
+        scale * LOG2E, sliding_window,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        QPK=qpk,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        USE_WINDOW=sliding_window > 0,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
