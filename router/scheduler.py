@@ -1,0 +1,494 @@
+"""The continuous-batching policy: which requests compute what in the next step.
+
+Pure bookkeeping, no I/O: the `Scheduler` holds every request's progress (`Sequence`), asks
+the block manager for KV blocks, and answers `schedule()` with a `StepPlan` that the engine
+turns into one Prefill or Decode call. The engine reports the step's outcome back through
+`complete()` (or `abort_step()` when the shards failed it).
+
+Every request has a token count (prompt plus tokens generated so far) and a computed count
+(tokens whose KV the shards have written). There are no separate prefill and decode modes:
+
+- waiting     holds no blocks; admitted in FIFO order within the step's prefill token budget.
+- prefilling  holds blocks for its whole sequence; its prompt is computed in chunks, one per
+              step, while the running requests keep decoding in the same step.
+- running     lives in the shards' cached batch; computes one token per step.
+
+When KV blocks run out while the running requests grow, the newest holders are preempted: they
+give their blocks back and return to the front of the queue, to be recomputed later from their
+prompt plus what they generated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .block_manager import BlockManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits, parsed once at the router's entry point.
+
+    max_concurrent_requests: requests in the engine (queued or running); more are refused.
+    max_batch_prefill_tokens: prompt tokens computed in one step; longer prompts are chunked.
+    max_batch_total_tokens: prompt + max_new_tokens summed over the requests of the batch;
+        None leaves the bound to the KV blocks alone.
+    max_batch_size: requests in one step; None = no limit but the others.
+    waiting_served_ratio, max_waiting_tokens: as in TGI, while a batch runs, new requests
+        join only when at least floor(running * waiting_served_ratio) of them can start at
+        once, or when none has joined for max_waiting_tokens steps.
+    enable_prefix_caching: reuse the KV of prompt prefixes already computed.
+    """
+
+    max_concurrent_requests: int = 128
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_requests", "max_batch_prefill_tokens", "max_waiting_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_batch_total_tokens", "max_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 or None, got {value}")
+        if self.waiting_served_ratio < 0:
+            raise ValueError(f"waiting_served_ratio must be >= 0, got {self.waiting_served_ratio}")
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    RUNNING = "running"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's progress as the scheduler sees it."""
+
+    request_id: int
+    # The prompt, then every token generated so far; grows by one per step while running.
+    token_ids: list[int]
+    prompt_len: int
+    max_new_tokens: int
+    priority: int = 0
+    deadline: float | None = None
+    prefill_logprobs: bool = False
+    status: SeqStatus = SeqStatus.WAITING
+    # The whole block table while the request holds blocks (prefilling or running).
+    blocks: list[int] = field(default_factory=list)
+    # Leading tokens whose KV the shards have written.
+    num_computed: int = 0
+    # Free blocks when admission last failed for want of blocks; None after it succeeds.
+    blocked_at_free: int | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def wants_prefill_logprobs(self) -> bool:
+        """Prompt logprobs go out once; a request recomputed after preemption already sent them."""
+        return self.prefill_logprobs and self.num_generated == 0
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Tokens [start, start + length) of a sequence, computed in this step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the end of the sequence: the shard samples a token."""
+        return self.start + self.length == len(self.seq.token_ids)
+
+
+@dataclass
+class StepPlan:
+    """What the next step computes; the engine sends it as one Prefill or Decode.
+
+    batch_changed: running requests left since the last step (cancelled, preempted,
+        expired): the shards' cached batch must be filtered down to `decoding` first.
+    decoding: the running requests, in the shards' batch order; each computes one token.
+    extensions: new blocks of running requests, keyed by request id.
+    chunks: prompts (or chunks of them) computed in this step.
+    preempted: requests sent back to the queue in this step.
+    failed: requests removed with a reason (deadline passed, cannot fit the KV cache).
+    """
+
+    batch_changed: bool = False
+    decoding: list[Sequence] = field(default_factory=list)
+    extensions: dict[int, list[int]] = field(default_factory=dict)
+    chunks: list[PrefillChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to send to the shards (a filter alone is sent with the next step)."""
+        return not self.chunks and not self.decoding
+
+
+class BatchMismatchError(Exception):
+    """The shards' batch after a step disagrees with what the scheduler expects."""
+
+
+def slot_range(blocks: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """KV slots of positions [start, end) of a request with this block table."""
+    first, last = start // block_size, math.ceil(end / block_size)
+    if last > len(blocks):
+        raise ValueError(f"positions up to {end} need {last} blocks, the table has {len(blocks)}")
+    table = np.asarray(blocks[first:last], dtype=np.int64)
+    slots = (table[:, None] * block_size + np.arange(block_size, dtype=np.int64)).ravel()
+    offset = first * block_size
+    return slots[start - offset:end - offset].tolist()
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    """Owns the queue, the running set and their blocks; decides every step.
+
+    Not thread-safe and not re-entrant: the engine calls it from its batching loop only
+    (`add` may come from request handlers on the same event loop, between steps).
+    """
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self._config = config
+        self._blocks = blocks
+        self._block_size = blocks.block_size
+        # Block 0 is reserved (padding, health probes); num_blocks counts it.
+        self._capacity_blocks = blocks.num_blocks - 1
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._by_id: dict[int, Sequence] = {}
+        self._batch_changed = False
+        # Steps since a new request last joined (TGI's waiting_tokens).
+        self._steps_since_admission = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        """Requests that hold blocks: prefilling or running."""
+        return len(self._prefilling) + len(self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._by_id)
+
+    @property
+    def running_ids(self) -> list[int]:
+        return [seq.request_id for seq in self._running]
+
+    def get(self, request_id: int) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ValueError for a request that could never be scheduled."""
+        if prompt_len < 1:
+            raise ValueError("a request needs at least one input token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        needed = blocks_for(prompt_len, self._block_size)
+        if needed > self._capacity_blocks:
+            raise ValueError(
+                f"the prompt has {prompt_len} tokens and needs {needed} KV blocks of "
+                f"{self._block_size} tokens; the whole KV cache has {self._capacity_blocks} "
+                f"blocks ({self._capacity_blocks * self._block_size} tokens)")
+        limit = self._config.max_batch_total_tokens
+        if limit is not None and prompt_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"max_batch_total_tokens ({limit})")
+
+    # ------------------------------------------------------------------ mutations
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request at the back."""
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id} is already scheduled")
+        seq.status = SeqStatus.WAITING
+        self._by_id[seq.request_id] = seq
+        self._waiting.append(seq)
+
+    def remove(self, request_id: int) -> Sequence | None:
+        """Take a request out wherever it is and free its blocks; None if unknown."""
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.WAITING:
+            self._waiting.remove(seq)
+            return seq
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+            self._batch_changed = True
+        else:
+            self._prefilling.remove(seq)
+        self._release(seq)
+        return seq
+
+    def remove_all(self) -> list[Sequence]:
+        """Forget every request and free every block (shutdown); the shards' batch is gone."""
+        seqs = list(self._by_id.values())
+        for seq in seqs:
+            self.remove(seq.request_id)
+        self._batch_changed = False
+        return seqs
+
+    def schedule(self, now: float) -> StepPlan:
+        """Decide the next step: expire, grow the running requests (preempting), admit."""
+        plan = StepPlan()
+        self._steps_since_admission += 1
+        self._expire(now, plan)
+        self._grow_running(plan)
+        self._continue_prefills(plan)
+        if not plan.preempted:
+            # After a preemption blocks are short: admitting now would only thrash.
+            self._admit(plan)
+        plan.decoding = list(self._running)
+        plan.batch_changed = self._batch_changed
+        self._batch_changed = False
+        return plan
+
+    def complete(self, plan: StepPlan, tokens: Mapping[int, list[int]],
+                 finished: Collection[int], batch_ids: list[int]) -> list[Sequence]:
+        """Record a step's outcome; return the requests that finished (now forgotten).
+
+        tokens: the ids sampled per request; finished: requests the shard stopped (they left
+        its batch); batch_ids: the shards' cached batch after the step, in its order.
+        Raises BatchMismatchError, changing nothing, when the outcome is not the one the plan
+        calls for; the engine then aborts the step.
+        """
+        last_chunks = [chunk for chunk in plan.chunks if chunk.is_last]
+        sampled = [seq.request_id for seq in plan.decoding] + [c.seq.request_id for c in last_chunks]
+        self._check_outcome(sampled, tokens, finished, batch_ids)
+        for seq in plan.decoding:
+            computed = len(seq.token_ids)
+            self._mark_computed(seq, computed, commit=computed % self._block_size == 0)
+        for chunk in plan.chunks:
+            self._mark_computed(chunk.seq, chunk.start + chunk.length, commit=True)
+        for chunk in last_chunks:
+            self._prefilling.remove(chunk.seq)
+        for request_id, ids in tokens.items():
+            self._by_id[request_id].token_ids.extend(ids)
+        self._running = [self._by_id[request_id] for request_id in batch_ids]
+        for seq in self._running:
+            seq.status = SeqStatus.RUNNING
+        done = [self._by_id.pop(request_id) for request_id in finished]
+        for seq in done:
+            self._release(seq)
+        return done
+
+    @staticmethod
+    def _check_outcome(sampled: list[int], tokens: Mapping[int, list[int]],
+                       finished: Collection[int], batch_ids: list[int]) -> None:
+        expected = set(sampled)
+        if set(tokens) != expected or not all(tokens.values()):
+            raise BatchMismatchError(
+                f"the shards sampled tokens for {sorted(tokens)}, expected {sorted(expected)}")
+        if not expected.issuperset(finished):
+            raise BatchMismatchError(
+                f"the shards finished {sorted(finished)}, not all of them sampled this step")
+        still_running = expected - set(finished)
+        if set(batch_ids) != still_running or len(batch_ids) != len(still_running):
+            raise BatchMismatchError(
+                f"the shards' batch holds {sorted(batch_ids)}, expected {sorted(still_running)}")
+
+    def abort_step(self, plan: StepPlan) -> list[Sequence]:
+        """The shards failed the step: forget its requests and free their blocks.
+
+        The engine clears the shards' cache, so nothing of the running batch survives.
+        """
+        seqs = list(self._running) + [chunk.seq for chunk in plan.chunks
+                                      if chunk.seq.request_id in self._by_id]
+        for seq in seqs:
+            self.remove(seq.request_id)
+        self._batch_changed = False
+        return seqs
+
+    # ------------------------------------------------------------------ steps of schedule()
+
+    def _expire(self, now: float, plan: StepPlan) -> None:
+        for seq in list(self._by_id.values()):
+            if seq.deadline is not None and now >= seq.deadline:
+                self.remove(seq.request_id)
+                plan.failed.append((seq, f"request {seq.request_id} passed its deadline "
+                                         f"after {seq.num_generated} generated tokens"))
+
+    def _grow_running(self, plan: StepPlan) -> None:
+        """Give every running request a block for the token it computes next.
+
+        Oldest first; when blocks run out the newest holder is preempted, which may be the
+        request itself. A request that alone cannot grow can never finish: it fails.
+        """
+        for seq in sorted(self._running, key=lambda s: s.request_id):
+            while seq.status is SeqStatus.RUNNING:
+                needed = len(seq.token_ids)
+                if len(seq.blocks) * self._block_size >= needed:
+                    break
+                allocation = self._blocks.allocate(seq.request_id, seq.token_ids, needed)
+                if allocation is not None:
+                    seq.blocks = list(allocation.blocks)
+                    plan.extensions[seq.request_id] = list(allocation.new_blocks)
+                    break
+                if self.num_active == 1:
+                    self.remove(seq.request_id)
+                    plan.failed.append((seq, self._too_long_message(seq, needed)))
+                    break
+                victim = max(self._prefilling + self._running, key=lambda s: s.request_id)
+                self._preempt(victim, plan)
+
+    def _too_long_message(self, seq: Sequence, needed_tokens: int) -> str:
+        return (f"request {seq.request_id} needs {blocks_for(needed_tokens, self._block_size)} "
+                f"KV blocks for {needed_tokens} tokens; the whole KV cache has "
+                f"{self._capacity_blocks} blocks of {self._block_size} tokens")
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+            self._batch_changed = True
+        else:
+            self._prefilling.remove(seq)
+        self._release(seq)
+        plan.extensions.pop(seq.request_id, None)
+        seq.status = SeqStatus.WAITING
+        self._waiting.appendleft(seq)
+        plan.preempted.append(seq)
+
+    def _continue_prefills(self, plan: StepPlan) -> None:
+        budget = self._config.max_batch_prefill_tokens
+        for seq in self._prefilling:
+            if budget == 0 or not self._has_room(plan):
+                return
+            length = min(len(seq.token_ids) - seq.num_computed, budget)
+            plan.chunks.append(PrefillChunk(seq, seq.num_computed, length))
+            budget -= length
+
+    def _admit(self, plan: StepPlan) -> None:
+        """Start waiting requests in FIFO order while budgets and blocks allow."""
+        budget = self._config.max_batch_prefill_tokens - sum(c.length for c in plan.chunks)
+        if not self._waiting or budget <= 0:
+            return
+        wanted = self._min_new_requests()
+        if self._count_startable(budget, plan, wanted) < wanted:
+            return
+        reserved = self._reserved_tokens()
+        started: list[PrefillChunk] = []
+        while self._waiting and budget > 0 and self._has_room(plan):
+            seq = self._waiting[0]
+            limit = self._config.max_batch_total_tokens
+            if limit is not None and reserved + seq.prompt_len + seq.max_new_tokens > limit:
+                break
+            chunk = self._start(seq, budget)
+            if chunk is None:
+                break
+            self._waiting.popleft()
+            plan.chunks.append(chunk)
+            started.append(chunk)
+            budget -= chunk.length
+            reserved += seq.prompt_len + seq.max_new_tokens
+        if 0 < len(started) < wanted:
+            # Blocks, not budgets, held the batch back: keep the queue as it was.
+            for chunk in reversed(started):
+                self._unstart(chunk.seq, plan)
+            started = []
+        if started:
+            self._steps_since_admission = 0
+
+    def _min_new_requests(self) -> int:
+        if not self._running or self._steps_since_admission >= self._config.max_waiting_tokens:
+            return 1
+        return max(1, math.floor(len(self._running) * self._config.waiting_served_ratio))
+
+    def _count_startable(self, budget: int, plan: StepPlan, wanted: int) -> int:
+        """How many waiting requests the token and size budgets alone let start (cheap)."""
+        room = self._room(plan)
+        count = 0
+        for seq in self._waiting:
+            if count >= wanted or budget <= 0 or count >= room:
+                break
+            count += 1
+            budget -= len(seq.token_ids)
+        return count
+
+    def _start(self, seq: Sequence, budget: int) -> PrefillChunk | None:
+        """Allocate blocks for the whole sequence and plan its first chunk; None if full.
+
+        Blocks for the whole prompt, not only the first chunk: the contract gives a slot for
+        every position to the end of input_ids in each chunk's request.
+        """
+        free = self._blocks.num_free_blocks
+        if seq.blocked_at_free is not None and free <= seq.blocked_at_free:
+            # It did not fit and no block came free since: matching its prompt against the
+            # prefix index again would cost O(prompt) every step for the same answer.
+            return None
+        allocation = self._blocks.allocate(seq.request_id, seq.token_ids, len(seq.token_ids),
+                                           priority=seq.priority)
+        if allocation is None:
+            seq.blocked_at_free = free
+            return None
+        seq.blocked_at_free = None
+        seq.blocks = list(allocation.blocks)
+        # Prompt logprobs need every prompt token computed, cached prefix or not.
+        seq.num_computed = 0 if seq.wants_prefill_logprobs else allocation.num_cached_tokens
+        seq.status = SeqStatus.PREFILLING
+        self._prefilling.append(seq)
+        length = min(len(seq.token_ids) - seq.num_computed, budget)
+        return PrefillChunk(seq, seq.num_computed, length)
+
+    def _unstart(self, seq: Sequence, plan: StepPlan) -> None:
+        self._prefilling.remove(seq)
+        self._release(seq)
+        plan.chunks = [chunk for chunk in plan.chunks if chunk.seq is not seq]
+        seq.status = SeqStatus.WAITING
+        self._waiting.appendleft(seq)
+
+    def _room(self, plan: StepPlan) -> int | float:
+        limit = self._config.max_batch_size
+        if limit is None:
+            return math.inf
+        return limit - len(self._running) - len(plan.chunks)
+
+    def _has_room(self, plan: StepPlan) -> bool:
+        return self._room(plan) > 0
+
+    def _reserved_tokens(self) -> int:
+        if self._config.max_batch_total_tokens is None:
+            return 0
+        return sum(seq.prompt_len + seq.max_new_tokens
+                   for seq in self._running + self._prefilling)
+
+    # ------------------------------------------------------------------ block bookkeeping
+
+    def _mark_computed(self, seq: Sequence, num_computed: int, *, commit: bool) -> None:
+        seq.num_computed = num_computed
+        if commit:
+            self._blocks.commit(seq.request_id, seq.token_ids, num_computed)
+
+    def _release(self, seq: Sequence) -> None:
+        self._blocks.free(seq.request_id)
+        seq.blocks = []
+        seq.num_computed = 0
