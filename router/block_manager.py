@@ -79,7 +79,9 @@ class BlockManager:
     ) -> None:
         """num_blocks counts block 0, as the shard's Warmup answer does."""
         if num_blocks < 2:
-            raise ValueError(f"num_blocks must be at least 2 (block 0 is reserved), got {num_blocks}")
+            raise ValueError(
+                f"num_blocks must be at least 2 (block 0 is reserved), got {num_blocks}"
+            )
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.num_blocks = num_blocks
@@ -227,7 +229,8 @@ class BlockManager:
         """free + cached + used == num_blocks - 1, each block in one state, reference
         counts equal to the references requests hold, and a well-formed index.
 
-        Raises AssertionError naming the offending block or count.
+        Raises AssertionError naming the offending block or count. Costs O(num_blocks):
+        for tests, and for an idle engine that wants to verify itself.
         """
         expected = [0] * self.num_blocks
         for request_id, request in self._requests.items():
@@ -269,7 +272,8 @@ class BlockManager:
         )
         if cached is not None:
             assert cached.evictable == (not referenced), (
-                f"block {block_id}: evictable={cached.evictable}, refs={self._ref_counts[block_id]}"
+                f"block {block_id}: evictable={cached.evictable}, "
+                f"refs={self._ref_counts[block_id]}"
             )
 
     # ------------------------------------------------------------------ helpers

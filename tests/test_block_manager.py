@@ -20,9 +20,11 @@ def chain_hashes(token_ids: list[int], num_blocks: int) -> list[str]:
     return hashes
 
 
-def make(num_blocks: int = 8, **kwargs: object) -> tuple[BlockManager, list[KVEvent]]:
+def make(num_blocks: int = 8, caching: bool = True) -> tuple[BlockManager, list[KVEvent]]:
     events: list[KVEvent] = []
-    manager = BlockManager(num_blocks, BS, event_sink=events.append, **kwargs)  # type: ignore[arg-type]
+    manager = BlockManager(
+        num_blocks, BS, enable_prefix_caching=caching, event_sink=events.append
+    )
     return manager, events
 
 
@@ -37,7 +39,8 @@ def run_and_commit(manager: BlockManager, request_id: int, tokens: list[int]) ->
 
 def test_fresh_manager_hands_out_blocks_in_order_never_block_0() -> None:
     manager, _ = make(num_blocks=6)
-    assert (manager.num_free_blocks, manager.num_used_blocks, manager.num_cached_blocks) == (5, 0, 0)
+    counts = (manager.num_free_blocks, manager.num_used_blocks, manager.num_cached_blocks)
+    assert counts == (5, 0, 0)
     first = manager.allocate(1, list(range(9)), 9)
     assert first == Allocation(blocks=[1, 2, 3], new_blocks=[1, 2, 3], num_cached_tokens=0)
     second = manager.allocate(2, list(range(8)), 8)
@@ -49,7 +52,7 @@ def test_fresh_manager_hands_out_blocks_in_order_never_block_0() -> None:
 
 
 def test_freed_blocks_are_reused_oldest_freed_first() -> None:
-    manager, _ = make(num_blocks=8, enable_prefix_caching=False)
+    manager, _ = make(num_blocks=8, caching=False)
     manager.allocate(1, list(range(12)), 12)  # 1 2 3
     manager.allocate(2, list(range(8)), 8)  # 4 5
     manager.free(1)  # free list is now 6 7 1 2 3
@@ -194,7 +197,8 @@ def test_eviction_is_lru_and_takes_the_tail_of_a_chain_first() -> None:
     assert events[-1].block_hashes == (chain_hashes(first, 2)[1],)
     allocation = manager.allocate(3, [9] * 12, 24)
     assert allocation is not None and allocation.new_blocks == [1, 5, 4]
-    assert events[-1].block_hashes == (chain_hashes(first, 1)[0], *reversed(chain_hashes(second, 2)))
+    second_hashes = chain_hashes(second, 2)
+    assert events[-1].block_hashes == (chain_hashes(first, 1)[0], *reversed(second_hashes))
     assert events[-1].token_count == 12 and manager.evictions_total == 4
     assert manager.lookup(first) == 0 and manager.lookup(second) == 0
     manager.check_invariants()
@@ -270,7 +274,7 @@ def test_identical_blocks_computed_concurrently_keep_the_indexed_one() -> None:
 
 
 def test_without_prefix_caching_nothing_is_indexed() -> None:
-    manager, events = make(enable_prefix_caching=False)
+    manager, events = make(caching=False)
     tokens = list(range(10))
     run_and_commit(manager, 1, tokens)
     assert manager.lookup(tokens) == 0

@@ -62,7 +62,7 @@ class Model:
             for digest in event.block_hashes:
                 assert digest in self.indexed, f"removed unknown {digest}"
                 del self.indexed[digest]
-            orphans = [h for h, p in self.indexed.items() if p is not None and p not in self.indexed]
+            orphans = [h for h, p in self.indexed.items() if p and p not in self.indexed]
             assert not orphans, f"eviction left orphans {orphans}"
 
     def cached_tokens(self, token_ids: list[int]) -> int:
@@ -79,8 +79,9 @@ class Simulation:
     def __init__(self, seed: int, num_blocks: int, caching: bool) -> None:
         self.rng = random.Random(seed)
         self.events: list[KVEvent] = []
-        self.manager = BlockManager(num_blocks, BS, enable_prefix_caching=caching,
-                                    event_sink=self.events.append)
+        self.manager = BlockManager(
+            num_blocks, BS, enable_prefix_caching=caching, event_sink=self.events.append
+        )
         self.caching = caching
         self.model = Model()
         self.live: dict[int, SimRequest] = {}
@@ -95,16 +96,19 @@ class Simulation:
     def snapshot(self) -> tuple[object, ...]:
         m = self.manager
         probes = [r.tokens for r in self.live.values()] + BASES
-        return (m.num_free_blocks, m.num_cached_blocks, m.num_used_blocks,
-                [m.ref_count(b) for b in range(m.num_blocks)], [m.lookup(p) for p in probes],
-                m.evictions_total, m.prefix_hit_tokens_total, len(self.events))
+        return (
+            (m.num_free_blocks, m.num_cached_blocks, m.num_used_blocks),
+            [m.ref_count(b) for b in range(m.num_blocks)],
+            [m.lookup(p) for p in probes],
+            (m.evictions_total, m.prefix_hit_tokens_total, len(self.events)),
+        )
 
     def allocate(self, request_id: int, tokens: list[int], num_tokens: int) -> Allocation | None:
         before = self.snapshot()
         previous = self.live.get(request_id)
         expected_cached = self.manager.lookup(tokens) if previous is None else None
-        result = self.manager.allocate(request_id, tokens, num_tokens,
-                                       priority=self.rng.randrange(3))
+        priority = self.rng.randrange(3)
+        result = self.manager.allocate(request_id, tokens, num_tokens, priority=priority)
         if result is None:
             assert self.snapshot() == before, "a failed allocate changed something"
             return None
@@ -153,8 +157,8 @@ class Simulation:
         num_tokens = self.rng.choice([len(tokens), self.rng.randint(1, len(tokens))])
         result = self.allocate(self.next_id, tokens, num_tokens)
         if result is not None:
-            request = SimRequest(tokens, list(result.blocks), result.num_cached_tokens,
-                                 result.num_cached_tokens)
+            cached = result.num_cached_tokens
+            request = SimRequest(tokens, list(result.blocks), cached, computed=cached)
             self.live[self.next_id] = request
             self.write_kv(request, max(request.computed, min(num_tokens, len(tokens))))
         self.next_id += 1
@@ -229,8 +233,8 @@ def test_lookup_finds_exactly_the_committed_full_blocks() -> None:
     manager = BlockManager(2400, BS)  # 300 requests of at most 7 blocks
     committed: set[tuple[int, ...]] = set()
     for request_id in range(300):
-        tokens = rng.choice(BASES)[: rng.randrange(17)] + [rng.randrange(50)
-                                                           for _ in range(rng.randint(1, 9))]
+        tail = [rng.randrange(50) for _ in range(rng.randint(1, 9))]
+        tokens = rng.choice(BASES)[: rng.randrange(17)] + tail
         assert manager.allocate(request_id, tokens, len(tokens)) is not None
         num_computed = rng.randint(0, len(tokens))
         manager.commit(request_id, tokens, num_computed)
@@ -238,7 +242,8 @@ def test_lookup_finds_exactly_the_committed_full_blocks() -> None:
         if rng.random() < 0.5:
             manager.free(rng.randrange(request_id + 1))
         manager.check_invariants()
-        for probe in [tokens + [0], rng.choice(BASES) + [0], tokens[: rng.randint(0, len(tokens))]]:
+        prefix = tokens[: rng.randint(0, len(tokens))]
+        for probe in [tokens + [0], rng.choice(BASES) + [0], prefix]:
             limit = (len(probe) - 1) // BS if probe else 0
             expected = 0
             while expected < limit and tuple(probe[: (expected + 1) * BS]) in committed:

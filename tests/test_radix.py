@@ -31,7 +31,10 @@ def test_block_hash_follows_the_documented_rule() -> None:
 
 
 def test_block_hash_is_the_same_in_another_process() -> None:
-    code = "from shardgen.router.radix import block_hash; print(block_hash(block_hash(None, [5, 6]), [7, 8]))"
+    code = (
+        "from shardgen.router.radix import block_hash\n"
+        "print(block_hash(block_hash(None, [5, 6]), [7, 8]))"
+    )
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
