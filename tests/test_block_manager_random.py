@@ -56,6 +56,8 @@ class Model:
             for digest in event.block_hashes:
                 assert digest not in self.indexed, f"{digest} stored twice"
                 assert digest in self.committed, f"{digest} stored but never committed"
+                if parent is not None:  # the chain is the committed prefix, block by block
+                    assert self.committed[digest][:-BS] == self.committed[parent]
                 self.indexed[digest] = parent
                 parent = digest
         else:
@@ -68,11 +70,12 @@ class Model:
     def cached_tokens(self, token_ids: list[int]) -> int:
         """What lookup must answer, from the index the events describe."""
         parent: str | None = None
-        for i in range((len(token_ids) - 1) // BS if token_ids else 0):
+        limit = max(0, (len(token_ids) - 1) // BS)
+        for i in range(limit):
             parent = block_hash(parent, token_ids[i * BS : (i + 1) * BS])
             if parent not in self.indexed:
                 return i * BS
-        return ((len(token_ids) - 1) // BS if token_ids else 0) * BS
+        return limit * BS
 
 
 class Simulation:
