@@ -1,0 +1,12 @@
+"""Triton kernels of the shard's hot path (GPU; tests run them in the Triton interpreter).
+
+One module per kernel family, each with a module docstring giving its algorithm and its
+memory/FLOP floor; every public function validates its arguments and allocates its output:
+  attention   paged_attention (dispatches to attention_decode / attention_prefill)
+  kv_cache    write_kv
+  norm        rms_norm, fused_add_rms_norm
+  rotary      apply_rotary
+  activation  silu_and_mul
+Their semantics match the torch versions in shardgen.shard.layers. This package imports
+nothing itself, so that importing it does not require Triton; import the modules.
+"""
