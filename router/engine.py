@@ -1,0 +1,405 @@
+"""The router's engine: the queue, the continuous-batching loop and per-request streams.
+
+The HTTP layer calls `Engine.submit` and iterates the returned `RequestHandle`. One task, the
+batching loop, asks the `Scheduler` for each step, sends it to the shards as one Prefill (new
+prompts or chunks of them, together with one decode token of every running request) or one
+Decode, and pushes what came back into the handles. The shards keep a single cached batch
+between steps.
+
+A step the shards fail fails the requests of that step only (GenerationError, HTTP 424): their
+blocks are freed, the shards' cache is cleared, and the loop goes on with the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from shardgen.proto import generate_pb2
+
+from .client import ShardClient, ShardError, connect_and_warm_up
+from .requests import (FinishReason, GenerationError, GenerationRequest, PrefillEvent,
+                       QueueFullError, TokenEvent)
+from .scheduler import (BatchMismatchError, PrefillChunk, Scheduler, SchedulerConfig, Sequence,
+                        StepPlan, slot_range)
+
+if TYPE_CHECKING:
+    from .block_manager import BlockManager
+
+__all__ = ["Engine", "EngineStoppedError", "RequestHandle", "SchedulerConfig",
+           "connect_and_warm_up"]
+
+logger = logging.getLogger(__name__)
+
+Event = PrefillEvent | TokenEvent
+
+_FINISH_REASONS = {
+    generate_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    generate_pb2.FINISH_REASON_EOS_TOKEN: FinishReason.EOS_TOKEN,
+}
+
+
+class EngineStoppedError(QueueFullError):
+    """The engine is draining for shutdown and takes no new requests."""
+
+
+class RequestHandle:
+    """The stream of one request: PrefillEvent, then TokenEvents until one has finish_reason.
+
+    Iteration raises GenerationError when the request fails. After `cancel()` iteration ends
+    at once and the engine drops the request at its next step.
+    """
+
+    def __init__(self, request_id: int, on_cancel: Callable[[int], None]) -> None:
+        self.id = request_id
+        self._on_cancel = on_cancel
+        self._events: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+        self._cancelled = False
+        self._error: GenerationError | None = None
+
+    @property
+    def done(self) -> bool:
+        """The engine is finished with this request (completed, failed or cancelled)."""
+        return self._closed
+
+    def cancel(self) -> None:
+        """Stop the request (stop sequence matched, client gone); idempotent."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        self._events.clear()
+        self._ready.set()
+        if not self._closed:
+            self._closed = True
+            self._on_cancel(self.id)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+
+    # The engine's side.
+
+    def _push(self, event: Event) -> None:
+        if not self._closed:
+            self._events.append(event)
+            self._ready.set()
+
+    def _close(self, error: GenerationError | None = None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._error = error
+            self._ready.set()
+
+
+@dataclass(eq=False)
+class _Entry:
+    """What the engine keeps per request beside the scheduler's Sequence."""
+
+    request: GenerationRequest
+    handle: RequestHandle
+    parameters: generate_pb2.NextTokenChooserParameters
+    # Prompt logprobs gathered over the chunks of a chunked prefill, sent as one event.
+    prefill_ids: list[int] = field(default_factory=list)
+    prefill_logprobs: list[float] = field(default_factory=list)
+
+
+class Engine:
+    """Queue and continuous-batching loop in front of the shards (see module docstring)."""
+
+    def __init__(self, client: ShardClient, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self._client = client
+        self._config = config
+        self._block_size = blocks.block_size
+        self._scheduler = Scheduler(config, blocks)
+        self._entries: dict[int, _Entry] = {}
+        self._cancelled: list[int] = []
+        self._request_ids = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._batch_id: int | None = None  # the shards' cached batch
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_size(self) -> int:
+        return self._scheduler.num_waiting
+
+    @property
+    def running_size(self) -> int:
+        return self._scheduler.num_active
+
+    async def start(self) -> None:
+        """Start the batching loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="shardgen-batching-loop")
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Take no new requests, let those in the engine finish for up to drain_timeout_s,
+        then fail the rest and stop the loop. The client stays open (its owner closes it)."""
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("%d request(s) still in the engine after draining %.1f s",
+                           len(self._entries), drain_timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for seq in self._scheduler.remove_all():
+            self._close(seq.request_id, GenerationError("the server stopped before the "
+                                                        "request finished"))
+        # A step may have been in flight: whatever the shards hold is stale now.
+        self._batch_id = None
+        await self._clear_shard_cache()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; its handle streams the results.
+
+        Raises QueueFullError when max_concurrent_requests are in the engine already,
+        EngineStoppedError while stopping, ValueError for a request that can never fit.
+        """
+        if self._stopping:
+            raise EngineStoppedError("the server is shutting down")
+        limit = self._config.max_concurrent_requests
+        if len(self._entries) >= limit:
+            raise QueueFullError(f"{len(self._entries)} requests are in the engine already "
+                                 f"(max_concurrent_requests={limit})")
+        self._scheduler.check_fits(len(request.input_ids), request.stopping.max_new_tokens)
+        request_id = next(self._request_ids)
+        handle = RequestHandle(request_id, self._on_cancel)
+        self._entries[request_id] = _Entry(request, handle, _chooser_parameters(request))
+        self._scheduler.add(Sequence(
+            request_id=request_id, token_ids=list(request.input_ids),
+            prompt_len=len(request.input_ids), max_new_tokens=request.stopping.max_new_tokens,
+            priority=request.cache_priority, deadline=request.deadline,
+            prefill_logprobs=request.prefill_logprobs))
+        self._drained.clear()
+        self._wakeup.set()
+        return handle
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_cancel(self, request_id: int) -> None:
+        # Applied by the loop between steps: the step in flight may still hold the request.
+        self._cancelled.append(request_id)
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            self._apply_cancels()
+            if not self._scheduler.has_work:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                did_work = await self._step()
+            except Exception:
+                # A bug here must not stop serving: fail what is in flight, start afresh.
+                logger.exception("the batching loop failed a step")
+                self._fail_everything("internal error in the router's batching loop")
+                did_work = True
+            if not did_work:
+                # Nothing can run until a request arrives, leaves or passes its deadline.
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=0.1)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _apply_cancels(self) -> None:
+        cancelled, self._cancelled = self._cancelled, []
+        for request_id in cancelled:
+            self._scheduler.remove(request_id)
+            self._forget(request_id)
+
+    async def _step(self) -> bool:
+        """Plan and run one step; False when there was nothing to send."""
+        plan = self._scheduler.schedule(time.monotonic())
+        for seq, reason in plan.failed:
+            self._close(seq.request_id, GenerationError(reason))
+        for seq in plan.preempted:
+            entry = self._entries[seq.request_id]
+            entry.prefill_ids.clear()
+            entry.prefill_logprobs.clear()
+        if plan.preempted:
+            logger.info("preempted %d request(s): KV blocks ran out", len(plan.preempted))
+        if plan.is_empty:
+            if plan.batch_changed and self._batch_id is not None:
+                # Every running request left: nothing to keep on the shards.
+                self._batch_id = None
+                await self._clear_shard_cache()
+            return bool(plan.failed)
+        try:
+            if plan.batch_changed:
+                await self._filter_running_batch(plan)
+            generations, batch = await self._forward(plan)
+            self._batch_id = batch.id if batch is not None else None
+            tokens, finished = _outcome(generations)
+            self._scheduler.complete(plan, tokens, finished,
+                                     list(batch.request_ids) if batch is not None else [])
+        except (ShardError, BatchMismatchError) as error:
+            await self._abort_step(plan, error)
+            return True
+        self._dispatch(generations)
+        return True
+
+    async def _filter_running_batch(self, plan: StepPlan) -> None:
+        if self._batch_id is None:
+            return
+        if not plan.decoding:
+            batch_id, self._batch_id = self._batch_id, None
+            await self._client.clear_cache(batch_id)
+            return
+        batch = await self._client.filter_batch(self._batch_id,
+                                                [seq.request_id for seq in plan.decoding])
+        self._batch_id = batch.id
+
+    async def _forward(self, plan: StepPlan) -> tuple[list[generate_pb2.Generation],
+                                                      generate_pb2.CachedBatch | None]:
+        """Send the step: Prefill when it has prompt chunks, else Decode."""
+        extensions = [generate_pb2.BlockTableExtension(request_id=request_id, blocks=blocks)
+                      for request_id, blocks in plan.extensions.items()]
+        cached = None
+        if plan.decoding:
+            if self._batch_id is None:
+                raise RuntimeError("running requests but no cached batch on the shards")
+            cached = generate_pb2.CachedBatch(
+                id=self._batch_id, request_ids=[seq.request_id for seq in plan.decoding])
+        if plan.chunks:
+            batch = generate_pb2.Batch(id=next(self._batch_ids),
+                                       requests=[self._request_proto(c) for c in plan.chunks])
+            prefill = await self._client.prefill(batch, cached, extensions)
+            return list(prefill.generations), prefill.batch if prefill.HasField("batch") else None
+        assert cached is not None
+        decode = await self._client.decode([cached], extensions)
+        return list(decode.generations), decode.batch if decode.HasField("batch") else None
+
+    def _request_proto(self, chunk: PrefillChunk) -> generate_pb2.Request:
+        seq = chunk.seq
+        entry = self._entries[seq.request_id]
+        stopping = entry.request.stopping
+        end = len(seq.token_ids)
+        return generate_pb2.Request(
+            id=seq.request_id,
+            input_ids=seq.token_ids,
+            parameters=entry.parameters,
+            stopping_parameters=generate_pb2.StoppingCriteriaParameters(
+                max_new_tokens=seq.max_new_tokens - seq.num_generated,
+                ignore_eos_token=stopping.ignore_eos_token,
+                stop_token_ids=stopping.stop_token_ids),
+            blocks=seq.blocks,
+            slots=slot_range(seq.blocks, self._block_size, chunk.start, end),
+            cache_len=chunk.start,
+            chunk_len=0 if chunk.is_last else chunk.length,
+            prefill_logprobs=seq.wants_prefill_logprobs,
+            top_n_tokens=entry.request.top_n_tokens,
+            generated_offset=seq.num_generated,
+        )
+
+    async def _abort_step(self, plan: StepPlan, error: Exception) -> None:
+        logger.error("step failed, failing its %d request(s): %s",
+                     len(plan.decoding) + len(plan.chunks), error)
+        for seq in self._scheduler.abort_step(plan):
+            self._close(seq.request_id, GenerationError(f"generation failed: {error}"))
+        self._batch_id = None
+        await self._clear_shard_cache()
+
+    async def _clear_shard_cache(self) -> None:
+        try:
+            await self._client.clear_cache()
+        except ShardError as error:
+            logger.warning("could not clear the shards' cache: %s", error)
+
+    def _fail_everything(self, reason: str) -> None:
+        for seq in self._scheduler.remove_all():
+            self._close(seq.request_id, GenerationError(reason))
+        # The shards may hold a batch the router no longer knows: the next step starts a new
+        # one, and the old one is cleared when the loop can await again.
+        if self._batch_id is not None:
+            self._batch_id = None
+            asyncio.get_running_loop().create_task(self._clear_shard_cache())
+
+    # ------------------------------------------------------------------ results to streams
+
+    def _dispatch(self, generations: list[generate_pb2.Generation]) -> None:
+        for generation in generations:
+            entry = self._entries.get(generation.request_id)
+            if entry is not None:
+                self._deliver(generation, entry)
+
+    def _deliver(self, generation: generate_pb2.Generation, entry: _Entry) -> None:
+        if generation.prefill_tokens.ids:
+            entry.prefill_ids.extend(generation.prefill_tokens.ids)
+            entry.prefill_logprobs.extend(generation.prefill_tokens.logprobs)
+        ids = generation.tokens.ids
+        if not ids:
+            return  # a chunk that did not reach the end of the prompt
+        if entry.prefill_ids:
+            entry.handle._push(PrefillEvent(tuple(entry.prefill_ids),
+                                            tuple(entry.prefill_logprobs)))
+            entry.prefill_ids, entry.prefill_logprobs = [], []
+        finish = _FINISH_REASONS.get(generation.finish_reason)
+        logprobs = generation.tokens.logprobs
+        for index, token_id in enumerate(ids):
+            top = generation.top_tokens[index] if index < len(generation.top_tokens) else None
+            entry.handle._push(TokenEvent(
+                id=token_id,
+                logprob=logprobs[index] if index < len(logprobs) else math.nan,
+                top_tokens=tuple(zip(top.ids, top.logprobs)) if top is not None else (),
+                finish_reason=finish if index == len(ids) - 1 else None))
+        if finish is not None:
+            self._close(generation.request_id)
+
+    def _close(self, request_id: int, error: GenerationError | None = None) -> None:
+        entry = self._forget(request_id)
+        if entry is not None:
+            entry.handle._close(error)
+
+    def _forget(self, request_id: int) -> _Entry | None:
+        entry = self._entries.pop(request_id, None)
+        if not self._entries:
+            self._drained.set()
+        return entry
+
+
+def _outcome(generations: list[generate_pb2.Generation]) -> tuple[dict[int, list[int]], set[int]]:
+    """The tokens sampled per request and the requests the shard stopped."""
+    tokens = {g.request_id: list(g.tokens.ids) for g in generations if g.tokens.ids}
+    finished = {g.request_id for g in generations
+                if g.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED}
+    return tokens, finished
+
+
+def _chooser_parameters(request: GenerationRequest) -> generate_pb2.NextTokenChooserParameters:
+    sampling = request.sampling
+    return generate_pb2.NextTokenChooserParameters(
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        typical_p=sampling.typical_p, min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        presence_penalty=sampling.presence_penalty, do_sample=sampling.do_sample,
+        seed=sampling.seed, watermark=sampling.watermark)
