@@ -1,0 +1,89 @@
+"""The one place where a shard's exceptions become gRPC statuses.
+
+Servicer methods raise; `ExceptionToStatusInterceptor` logs each failure once (with its
+traceback) and ends the RPC with a status whose details are the exception's message, so
+the router sees exactly what went wrong and the server keeps serving.
+
+Status codes: the shard's own errors below carry theirs; ValueError (a request the
+router should not have sent) is INVALID_ARGUMENT; running out of memory is
+RESOURCE_EXHAUSTED; anything else is INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ShardError(Exception):
+    """An error with a definite gRPC status."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class NotReadyError(ShardError):
+    """The call needs a step of the lifecycle that has not happened (e.g. Warmup)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BatchNotFoundError(ShardError):
+    """A cached batch id the shard does not hold."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class CapacityError(ShardError):
+    """The KV cache cannot hold what the router asked for."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def status_code_of(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status an exception maps to."""
+    if isinstance(error, ShardError):
+        return error.code
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
+    """Turns any exception escaping a unary RPC into a status carrying its message."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        return grpc.unary_unary_rpc_method_handler(
+            _guarded(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def _guarded(method: str, call: UnaryHandler) -> UnaryHandler:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await call(request, context)
+        except grpc.aio.AbortError:
+            raise  # the servicer set its own status
+        except Exception as error:  # every failure of an RPC ends here, by design
+            code = status_code_of(error)
+            logger.exception("%s failed (%s): %s", method, code.name, error)
+            await context.abort(code, f"{type(error).__name__}: {error}")
+    return guarded

@@ -1,0 +1,82 @@
+"""shardgen-shard: one tensor-parallel shard of a model, served over gRPC.
+
+    RANK=0 WORLD_SIZE=1 shardgen-shard --model-id PATH --uds-path /tmp/shardgen
+
+The entry point parses the configuration once, joins the process group, loads this
+rank's slice of the model, and serves until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from shardgen.common.logging import setup_logging
+from shardgen.common.tracing import setup_tracing, shutdown_tracing
+from shardgen.shard.config import ConfigError, ShardConfig, parse_config
+from shardgen.shard.distributed import destroy_distributed, init_distributed
+from shardgen.shard.models import load_model
+from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
+from shardgen.shard.server import ShardServicer, serve_until
+
+logger = logging.getLogger("shardgen.shard")
+
+
+def device_of(config: ShardConfig) -> torch.device:
+    """CUDA ranks use the GPU whose index is their rank."""
+    return torch.device("cuda", config.rank) if config.device_type == "cuda" else torch.device("cpu")
+
+
+def build_runner(config: ShardConfig) -> ModelRunner:
+    """Join the process group and load this rank's model."""
+    device = device_of(config)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    process_group = init_distributed(config.rank, config.world_size, config.master_addr,
+                                     config.master_port, device, config.distributed_timeout_s)
+    dtype = getattr(torch, config.dtype)
+    model = load_model(config.model_id, dtype=dtype, device=device, rank=config.rank,
+                       world_size=config.world_size, process_group=process_group)
+    facts = ModelFacts.read(config.model_id, model)
+    logger.info("loaded %s (%s, %s on %s, rank %d of %d)", config.model_id, facts.architecture,
+                config.dtype, device, config.rank, config.world_size)
+    memory = MemoryPolicy(config.block_size, config.kv_cache_bytes, config.num_blocks,
+                          config.cuda_memory_fraction)
+    return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank)
+
+
+async def run(config: ShardConfig) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = build_runner(config)
+    await serve_until(stop, ShardServicer(runner, config), config)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        config = parse_config(argv, os.environ)
+    except ConfigError as error:
+        print(f"shardgen-shard: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging("shard", rank=config.rank, json_output=config.json_output, level=config.log_level)
+    setup_tracing(config.otlp_service_name, config.otlp_endpoint,
+                  attributes={"shardgen.rank": config.rank})
+    try:
+        asyncio.run(run(config))
+    finally:
+        shutdown_tracing()
+        destroy_distributed()
+    logger.info("stopped")
+
+
+if __name__ == "__main__":
+    main()

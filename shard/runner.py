@@ -1,0 +1,332 @@
+"""The model runner: composes the model, the KV store, the batches and the sampler.
+
+It implements the batch RPCs on protobuf messages (Warmup, Prefill, Decode, FilterBatch,
+ClearCache) and the deep health probe. Every method runs to completion before the next
+(the server calls them one at a time). A step first checks everything the router sent,
+then computes, and only then commits: a step that fails leaves the cached batches as
+they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shardgen.proto import generate_pb2
+from shardgen.shard.batch import CacheLimits, DecodeBatch, NewSequence, StepInputs, build_step
+from shardgen.shard.interceptor import BatchNotFoundError, CapacityError, NotReadyError
+from shardgen.shard.kv_cache import KVCacheSpec, PagedKVCache
+from shardgen.shard.layers.attention import AttentionMetadata
+from shardgen.shard.models import CausalLM
+from shardgen.shard.outputs import (
+    RUNNING,
+    StepOutput,
+    build_generations,
+    finished_rows,
+    prompt_logprobs,
+)
+from shardgen.shard.sampling import SampleOutput, sample
+from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, required_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the runner and Info need to know about the loaded model."""
+
+    architecture: str
+    vocab_size: int
+    max_positions: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def read(cls, model_path: str | Path, model: CausalLM) -> ModelFacts:
+        """From the model's config and the folder's generation_config.json (EOS ids of
+        both count: e.g. a model that also stops on BOS lists it only there)."""
+        config = model.config
+        eos = _as_ids(getattr(config, "eos_token_id", None))
+        generation_config = Path(model_path) / "generation_config.json"
+        if generation_config.is_file():
+            eos += _as_ids(json.loads(generation_config.read_text()).get("eos_token_id"))
+        return cls(
+            architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+            vocab_size=model.vocab_size,
+            max_positions=int(config.max_position_embeddings),
+            eos_token_ids=tuple(sorted(set(eos))))
+
+
+def _as_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """How Warmup sizes the KV cache (see shard/warmup.py)."""
+
+    block_size: int
+    kv_cache_bytes: int
+    num_blocks: int | None
+    cuda_memory_fraction: float
+
+
+class ModelRunner:
+    """One shard's model and state. Not thread-safe: call one method at a time."""
+
+    def __init__(self, model: CausalLM, facts: ModelFacts, memory: MemoryPolicy, *,
+                 device: torch.device, dtype: torch.dtype, rank: int = 0) -> None:
+        self.model = model
+        self.facts = facts
+        self.memory = memory
+        self.device = device
+        self.rank = rank
+        self.spec = KVCacheSpec(model.num_layers, memory.block_size, model.num_kv_heads,
+                                model.head_dim, dtype)
+        self.cache: PagedKVCache | None = None
+        self.batches: dict[int, DecodeBatch] = {}
+        self.eos_token_ids = frozenset(facts.eos_token_ids)
+
+    # ------------------------------------------------------------------ warm-up, health
+
+    @torch.inference_mode()
+    def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
+        """Run the largest step, then allocate the KV cache; forgets every batch."""
+        self.batches.clear()
+        self.cache = None
+        shape = WarmupShape.of(request.max_batch_prefill_tokens, request.max_batch_size,
+                               request.max_total_tokens, self.facts.max_positions)
+        if request.max_total_tokens > self.facts.max_positions:
+            logger.warning("max_total_tokens %d exceeds the model's %d positions; longer "
+                           "sequences will be rejected", request.max_total_tokens,
+                           self.facts.max_positions)
+        num_blocks = self._measure_num_blocks(shape)
+        needed = required_blocks(request.max_total_tokens, self.spec.block_size)
+        if self.memory.num_blocks is not None:
+            num_blocks = self.memory.num_blocks
+            if num_blocks < needed:
+                logger.warning("--num-blocks %d holds fewer than the %d blocks of one sequence "
+                               "of max_total_tokens %d", num_blocks, needed, request.max_total_tokens)
+        elif num_blocks < needed:
+            raise CapacityError(
+                f"the KV cache fits {num_blocks} blocks of {self.spec.block_size} tokens, fewer "
+                f"than the {needed} that one sequence of max_total_tokens "
+                f"{request.max_total_tokens} needs: lower max_total_tokens or give the shard "
+                f"more memory")
+        self.cache = PagedKVCache(self.spec, num_blocks, self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks,
+                    self.spec.block_size, self.cache.nbytes / 2**20)
+        return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.spec.block_size)
+
+    def _measure_num_blocks(self, shape: WarmupShape) -> int:
+        """Run the warm-up step on a temporary cache; blocks the real one may have."""
+        is_cuda = self.device.type == "cuda"
+        if is_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        temporary = PagedKVCache(self.spec, shape.blocks_needed(self.spec.block_size), self.device)
+        limits = CacheLimits(self.spec.block_size, temporary.num_blocks, self.facts.vocab_size,
+                             self.facts.max_positions)
+        sequences = shape.sequences(self.spec.block_size, self.facts.vocab_size)
+        merged = DecodeBatch.from_new(0, sequences, limits.vocab_size, self.device)
+        self._compute(temporary, build_step(None, sequences, self.spec.block_size, self.device,
+                                            sampled=merged), merged)
+        if not is_cuda:
+            return self.spec.blocks_for_bytes(self.memory.kv_cache_bytes)
+        num_blocks = cuda_num_blocks(self.spec, self.device, self.memory.cuda_memory_fraction,
+                                     temporary.nbytes)
+        del temporary
+        torch.cuda.empty_cache()
+        return num_blocks
+
+    @torch.inference_mode()
+    def health(self, deep: bool) -> None:
+        """A deep probe runs one token at position 0 into block 0 (reserved for this)."""
+        if not deep:
+            return
+        cache = self.cache or PagedKVCache(self.spec, 1, self.device)
+        one = torch.zeros(1, dtype=torch.int64, device=self.device)
+        attn = AttentionMetadata(
+            slot_mapping=one, block_tables=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            seq_lens=torch.ones(1, dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32, device=self.device),
+            max_seqlen_q=1, max_seqlen_k=1)
+        hidden = self.model(one, one, cache.layers, attn)
+        if not torch.isfinite(self.model.compute_logits(hidden)).all():
+            raise RuntimeError("the health probe's logits are not finite")
+
+    # ------------------------------------------------------------------ batch state
+
+    def clear_cache(self, batch_id: int | None) -> None:
+        """Forget one cached batch (unknown ids are ignored), or all of them."""
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    def filter_batch(self, request: generate_pb2.FilterBatchRequest) -> generate_pb2.CachedBatch:
+        """Keep only `request_ids` of a cached batch, in that order."""
+        batch = self._batch(request.batch_id)
+        rows = {rid: r for r, rid in enumerate(batch.request_ids)}
+        unknown = [rid for rid in request.request_ids if rid not in rows]
+        if unknown:
+            raise ValueError(f"requests {unknown} are not in batch {request.batch_id} "
+                             f"(it holds {batch.request_ids})")
+        kept = batch.select([rows[rid] for rid in request.request_ids])
+        self._store(kept)
+        return generate_pb2.CachedBatch(id=kept.batch_id, request_ids=kept.request_ids)
+
+    def _batch(self, batch_id: int) -> DecodeBatch:
+        try:
+            return self.batches[batch_id]
+        except KeyError:
+            raise BatchNotFoundError(
+                f"batch {batch_id} is not cached on this shard (cached: {sorted(self.batches)})"
+            ) from None
+
+    def _running(self, cached: Sequence[generate_pb2.CachedBatch]) -> list[DecodeBatch]:
+        """The stored batches the router names, checked against its view of them."""
+        batches = []
+        for message in cached:
+            batch = self._batch(message.id)
+            if list(message.request_ids) != batch.request_ids:
+                raise ValueError(f"batch {message.id} holds requests {batch.request_ids}, the "
+                                 f"router sent {list(message.request_ids)}")
+            batches.append(batch)
+        return batches
+
+    def _store(self, batch: DecodeBatch | None, replaced: Sequence[int] = ()) -> None:
+        for batch_id in replaced:
+            self.batches.pop(batch_id, None)
+        if batch is not None:
+            if len(batch):
+                self.batches[batch.batch_id] = batch
+            else:
+                self.batches.pop(batch.batch_id, None)
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.inference_mode()
+    def prefill(self, request: generate_pb2.PrefillRequest) -> generate_pb2.PrefillResponse:
+        """New requests (whole prompts or chunks) plus one token of the cached batch."""
+        started = time.perf_counter_ns()
+        cache, limits = self._ready()
+        cached = [request.cached_batch] if request.HasField("cached_batch") else []
+        running = self._running(cached)
+        new = [NewSequence.from_proto(r, limits) for r in request.batch.requests]
+        self._check_new_ids(new, running)
+        output = self._step(cache, limits, running, new, request.block_extensions,
+                            request.batch.id)
+        self._store(output.batch, replaced=[b.batch_id for b in running])
+        return generate_pb2.PrefillResponse(
+            generations=output.generations, batch=_cached(output.batch),
+            timings=_timings(output.forward_ns, started))
+
+    @torch.inference_mode()
+    def decode(self, request: generate_pb2.DecodeRequest) -> generate_pb2.DecodeResponse:
+        """One token for every request of the named cached batches, merged into one."""
+        started = time.perf_counter_ns()
+        cache, limits = self._ready()
+        if not request.batches:
+            raise ValueError("Decode needs at least one cached batch")
+        running = self._running(request.batches)
+        output = self._step(cache, limits, running, [], request.block_extensions,
+                            request.batches[0].id)
+        self._store(output.batch, replaced=[b.batch_id for b in running])
+        return generate_pb2.DecodeResponse(
+            generations=output.generations, batch=_cached(output.batch),
+            timings=_timings(output.forward_ns, started))
+
+    def _ready(self) -> tuple[PagedKVCache, CacheLimits]:
+        if self.cache is None:
+            raise NotReadyError("the KV cache is not allocated: call Warmup before Prefill or Decode")
+        return self.cache, CacheLimits(self.spec.block_size, self.cache.num_blocks,
+                                       self.facts.vocab_size, self.facts.max_positions)
+
+    def _check_new_ids(self, new: Sequence[NewSequence], running: Sequence[DecodeBatch]) -> None:
+        """A request id is in at most one place: the new batch or one cached batch."""
+        ids = [s.request_id for s in new]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"request ids repeat within the batch: {ids}")
+        active = {rid for b in self.batches.values() for rid in b.request_ids}
+        clash = sorted(active.intersection(ids))
+        if clash:
+            raise ValueError(f"requests {clash} are already decoding on this shard")
+
+    def _step(self, cache: PagedKVCache, limits: CacheLimits, running: list[DecodeBatch],
+              new: list[NewSequence], extensions: Sequence[generate_pb2.BlockTableExtension],
+              batch_id: int) -> StepOutput:
+        extended = _extend(running, extensions, limits)
+        merged_running = DecodeBatch.concat(batch_id, extended) if extended else None
+        finishing = [s for s in new if s.finishes_prompt]
+        parts = ([merged_running] if merged_running is not None else []) + (
+            [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
+            if finishing else [])
+        merged = DecodeBatch.concat(batch_id, parts) if parts else None
+        inputs = build_step(merged_running, new, limits.block_size, self.device, sampled=merged)
+        forward_started = time.perf_counter_ns()
+        logits, picked = self._compute(cache, inputs, merged)
+        next_ids = picked.next_ids.cpu().numpy() if picked is not None else np.empty(0, np.int64)
+        forward_ns = time.perf_counter_ns() - forward_started
+        # Commit: nothing below can fail on the router's input.
+        prompt = prompt_logprobs(new, inputs.prefill_spans, logits) if self.rank == 0 else {}
+        generations: list[generate_pb2.Generation] = []
+        if merged is not None and picked is not None:
+            merged.advance(next_ids, picked.next_ids)
+            finished = finished_rows(merged, next_ids, self.eos_token_ids, limits.max_positions)
+            if self.rank == 0:
+                generations = build_generations(merged, picked, next_ids, finished, prompt)
+            if finished.any():
+                merged = merged.select(np.flatnonzero(finished == RUNNING).tolist())
+        if self.rank == 0:
+            # A chunk that does not end its prompt samples nothing; it still gets an answer.
+            generations += [
+                generate_pb2.Generation(request_id=s.request_id, prefill_tokens=prompt.get(s.request_id))
+                for s in new if not s.finishes_prompt]
+        return StepOutput(merged, generations, forward_ns)
+
+    def _compute(self, cache: PagedKVCache, inputs: StepInputs, merged: DecodeBatch | None
+                 ) -> tuple[torch.Tensor | None, SampleOutput | None]:
+        """Forward, logits of the rows that need them, and the pick of the sampled rows."""
+        hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
+        if inputs.logit_rows.numel() == 0:
+            return None, None
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logit_rows))
+        if merged is None:
+            return logits, None
+        picked = sample(logits.index_select(0, inputs.sample_rows), merged.sampling,
+                        inputs.draw_index, inputs.previous_tokens, top_n=max(merged.top_n_tokens))
+        return logits, picked
+
+
+def _extend(running: list[DecodeBatch], extensions: Sequence[generate_pb2.BlockTableExtension],
+            limits: CacheLimits) -> list[DecodeBatch]:
+    """The running batches with the router's new blocks appended (new objects)."""
+    blocks: dict[int, list[int]] = {}
+    for extension in extensions:
+        blocks.setdefault(extension.request_id, []).extend(extension.blocks)
+    known = {rid for b in running for rid in b.request_ids}
+    unknown = sorted(set(blocks) - known)
+    if unknown:
+        raise ValueError(f"block_extensions name requests {unknown} that are not in the "
+                         f"batches of this step")
+    return [b.with_extensions(blocks, limits) for b in running]
+
+
+def _cached(batch: DecodeBatch | None) -> generate_pb2.CachedBatch | None:
+    if batch is None or not len(batch):
+        return None
+    return generate_pb2.CachedBatch(id=batch.batch_id, request_ids=batch.request_ids)
+
+
+def _timings(forward_ns: int, started_ns: int) -> generate_pb2.StepTimings:
+    return generate_pb2.StepTimings(forward_ns=forward_ns,
+                                    total_ns=time.perf_counter_ns() - started_ns)

@@ -1,0 +1,92 @@
+"""Warm-up: run the largest step the router will send, then size the KV cache.
+
+On CUDA the step runs against a small temporary cache while the allocator records its
+peak; the real cache then takes what is left of `cuda_memory_fraction` of the device.
+On CPU the cache is `kv_cache_bytes` large. `--num-blocks` overrides both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from shardgen.shard.batch import NewSequence, StoppingParams
+from shardgen.shard.kv_cache import KVCacheSpec
+from shardgen.shard.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Every processor on, so that the sampler's peak memory is part of the measurement.
+_WARMUP_SAMPLING = SamplingParams(
+    temperature=0.7, top_k=50, top_p=0.9, typical_p=0.95, min_p=0.01, repetition_penalty=1.1,
+    frequency_penalty=0.1, presence_penalty=0.1, do_sample=True, seed=0, watermark=True)
+_WARMUP_TOP_N = 5
+
+
+@dataclass(frozen=True)
+class WarmupShape:
+    """The step to warm up with: sequence lengths summing to the prefill budget."""
+
+    lengths: list[int]
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    @classmethod
+    def of(cls, max_prefill_tokens: int, max_batch_size: int, max_total_tokens: int,
+           max_positions: int) -> WarmupShape:
+        """As many sequences as a step may hold (one row each for the sampler), the
+        first as long as allowed (the largest attention), the rest sharing the tokens."""
+        if min(max_prefill_tokens, max_batch_size, max_total_tokens) < 1:
+            raise ValueError(
+                f"warm-up needs positive sizes, got max_batch_prefill_tokens={max_prefill_tokens}, "
+                f"max_batch_size={max_batch_size}, max_total_tokens={max_total_tokens}")
+        cap = min(max_total_tokens, max_positions)
+        count = min(max_batch_size, max_prefill_tokens)
+        total = min(max_prefill_tokens, count * cap)
+        first = min(cap, total - (count - 1))
+        rest, extra = divmod(total - first, count - 1) if count > 1 else (0, 0)
+        return cls([first] + [rest + (1 if i < extra else 0) for i in range(count - 1)])
+
+    def sequences(self, block_size: int, vocab_size: int) -> list[NewSequence]:
+        """The warm-up requests; they all share blocks 1..n (their content is garbage)."""
+        blocks = list(range(1, self.blocks_needed(block_size)))
+        return [
+            NewSequence(
+                request_id=i, input_ids=[(i + p) % vocab_size for p in range(length)],
+                blocks=blocks, slots=[block_size + p for p in range(length)], start=0, end=length,
+                sampling=_WARMUP_SAMPLING, stopping=StoppingParams(1, False, frozenset()),
+                prefill_logprobs=False, top_n_tokens=_WARMUP_TOP_N, generated_offset=0)
+            for i, length in enumerate(self.lengths)]
+
+    def blocks_needed(self, block_size: int) -> int:
+        """Blocks of the temporary cache: block 0 and those of the longest sequence."""
+        return 1 + math.ceil(self.longest / block_size)
+
+
+def cuda_num_blocks(spec: KVCacheSpec, device: torch.device, memory_fraction: float,
+                    temporary_cache_bytes: int) -> int:
+    """Blocks that fit after a warm-up step, from the allocator's statistics.
+
+    Call after running the step with a temporary cache of `temporary_cache_bytes` still
+    allocated, having reset the peak statistics before it.
+    """
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    # Memory outside torch's allocator: the CUDA context, NCCL, other processes.
+    outside = (total - free) - torch.cuda.memory_reserved(device)
+    budget = int(total * memory_fraction) - outside - (peak - temporary_cache_bytes)
+    logger.info("warm-up: %.2f GiB total, %.2f GiB peak of the step, %.2f GiB outside torch; "
+                "%.2f GiB for the KV cache", total / 2**30, peak / 2**30, outside / 2**30,
+                budget / 2**30)
+    return spec.blocks_for_bytes(budget)
+
+
+def required_blocks(max_total_tokens: int, block_size: int) -> int:
+    """Blocks one longest sequence needs, plus reserved block 0."""
+    return 1 + math.ceil(max_total_tokens / block_size)
