@@ -32,6 +32,7 @@ from .scheduler import (BatchMismatchError, PrefillChunk, Scheduler, SchedulerCo
 
 if TYPE_CHECKING:
     from .block_manager import BlockManager
+    from .metrics import Metrics
 
 __all__ = ["Engine", "EngineStoppedError", "RequestHandle", "SchedulerConfig",
            "connect_and_warm_up"]
@@ -126,9 +127,15 @@ class _Entry:
 class Engine:
     """Queue and continuous-batching loop in front of the shards (see module docstring)."""
 
-    def __init__(self, client: ShardClient, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, client: ShardClient, config: SchedulerConfig, blocks: BlockManager, *,
+                 metrics: Metrics | None = None) -> None:
+        """metrics, when given, gets the per-step figures (batch size, step and forward
+        durations, preemptions, prefix-cache hits)."""
         self._client = client
         self._config = config
+        self._blocks = blocks
+        self._metrics = metrics
+        self._prefix_hits_seen = blocks.prefix_hit_tokens_total
         self._block_size = blocks.block_size
         self._scheduler = Scheduler(config, blocks)
         self._entries: dict[int, _Entry] = {}
@@ -247,6 +254,8 @@ class Engine:
             entry.prefill_logprobs.clear()
         if plan.preempted:
             logger.info("preempted %d request(s): KV blocks ran out", len(plan.preempted))
+            if self._metrics is not None:
+                self._metrics.preemptions.inc(len(plan.preempted))
         if plan.is_empty:
             if plan.batch_changed and self._batch_id is not None:
                 # Every running request left: nothing to keep on the shards.
@@ -289,14 +298,31 @@ class Engine:
                 raise RuntimeError("running requests but no cached batch on the shards")
             cached = generate_pb2.CachedBatch(
                 id=self._batch_id, request_ids=[seq.request_id for seq in plan.decoding])
+        started = time.perf_counter()
         if plan.chunks:
             batch = generate_pb2.Batch(id=next(self._batch_ids),
                                        requests=[self._request_proto(c) for c in plan.chunks])
-            prefill = await self._client.prefill(batch, cached, extensions)
-            return list(prefill.generations), prefill.batch if prefill.HasField("batch") else None
-        assert cached is not None
-        decode = await self._client.decode([cached], extensions)
-        return list(decode.generations), decode.batch if decode.HasField("batch") else None
+            response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse = (
+                await self._client.prefill(batch, cached, extensions))
+        else:
+            assert cached is not None
+            response = await self._client.decode([cached], extensions)
+        if self._metrics is not None:
+            self._observe_step("prefill" if plan.chunks else "decode", plan, response, started)
+        return list(response.generations), response.batch if response.HasField("batch") else None
+
+    def _observe_step(self, method: str, plan: StepPlan,
+                      response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse,
+                      started: float) -> None:
+        assert self._metrics is not None
+        metrics = self._metrics
+        metrics.step_duration.labels(method).observe(time.perf_counter() - started)
+        metrics.forward_duration.labels(method).observe(response.timings.forward_ns / 1e9)
+        metrics.batch_size.labels(method).observe(len(plan.decoding) + len(plan.chunks))
+        hits = self._blocks.prefix_hit_tokens_total
+        if hits > self._prefix_hits_seen:
+            metrics.prefix_hit_tokens.inc(hits - self._prefix_hits_seen)
+            self._prefix_hits_seen = hits
 
     def _request_proto(self, chunk: PrefillChunk) -> generate_pb2.Request:
         seq = chunk.seq

@@ -21,6 +21,7 @@ from test_engine_fake_shard import (EOS, VOCAB, FakeShard, FakeShards, reference
 from shardgen.router.block_manager import BlockManager
 from shardgen.router.engine import Engine, EngineStoppedError, RequestHandle, SchedulerConfig
 from shardgen.router.client import connect_and_warm_up
+from shardgen.router.metrics import Metrics
 from shardgen.router.requests import (FinishReason, GenerationError, GenerationRequest,
                                       PrefillEvent, QueueFullError, SamplingParams,
                                       StoppingParams, TokenEvent)
@@ -41,7 +42,7 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving(tmp_path, *, num_blocks: int = 256, num_shard: int = 1,
-                  **config: object) -> AsyncIterator[Served]:
+                  metrics: Metrics | None = None, **config: object) -> AsyncIterator[Served]:
     path = uds_path(tmp_path)
     shards = FakeShards(path, [FakeShard(num_blocks, rank=rank) for rank in range(num_shard)])
     await shards.start()
@@ -49,7 +50,7 @@ async def serving(tmp_path, *, num_blocks: int = 256, num_shard: int = 1,
         path, num_shard, max_batch_prefill_tokens=64, max_batch_size=32, max_total_tokens=256,
         timeout_s=10)
     blocks = BlockManager(num_blocks, block_size)
-    engine = Engine(client, SchedulerConfig(**config), blocks)
+    engine = Engine(client, SchedulerConfig(**config), blocks, metrics=metrics)
     await engine.start()
     try:
         yield Served(engine, shards, blocks)
@@ -175,8 +176,10 @@ def test_a_long_prompt_is_chunked_while_the_running_request_keeps_decoding(tmp_p
 def test_a_repeated_prompt_reuses_the_cached_prefix(tmp_path):
     shared = prompt(21, start=5)
 
+    metrics = Metrics()
+
     async def main() -> None:
-        async with serving(tmp_path) as served:
+        async with serving(tmp_path, metrics=metrics) as served:
             first = ids(await tokens_of(served.engine.submit(request(shared, 4))))
             second = served.engine.submit(request(shared + [9, 9], 4))
             tokens = ids(await tokens_of(second))
@@ -185,6 +188,10 @@ def test_a_repeated_prompt_reuses_the_cached_prefix(tmp_path):
             # 20 tokens (5 blocks) came from the first request's KV, read where it wrote them.
             assert [c for c in served.shard.stats.chunks if c[0] == second.id] == [
                 (second.id, 20, 3)]
+            assert metrics.registry.get_sample_value("shardgen_prefix_cache_hit_tokens_total") == 20
+            decode_steps = metrics.registry.get_sample_value("shardgen_batch_size_count",
+                                                             {"method": "decode"})
+            assert decode_steps == served.shard.stats.decode_calls == 6
     asyncio.run(main())
 
 
@@ -192,8 +199,11 @@ def test_a_tiny_cache_preempts_and_recomputes_and_every_request_completes(tmp_pa
     # 11 usable blocks of 4 tokens for 12 requests that each grow to ~25 tokens.
     specs = [(prompt(5 + i % 6, start=i), 12 + i % 8, i) for i in range(12)]
 
+    metrics = Metrics()
+
     async def main() -> None:
-        async with serving(tmp_path, num_blocks=12, waiting_served_ratio=0.0) as served:
+        async with serving(tmp_path, num_blocks=12, waiting_served_ratio=0.0,
+                           metrics=metrics) as served:
             handles = [served.engine.submit(request(p, n, seed=seed, do_sample=True))
                        for p, n, seed in specs]
             results = await asyncio.gather(*(tokens_of(h) for h in handles))
@@ -202,6 +212,7 @@ def test_a_tiny_cache_preempts_and_recomputes_and_every_request_completes(tmp_pa
                                                        ignore_eos=True)
             # Some requests were recomputed after generating tokens.
             assert max(served.shard.stats.generated_offsets) > 0
+            assert metrics.registry.get_sample_value("shardgen_preemptions_total") > 0
             await wait_idle(served)
             assert served.blocks.num_used_blocks == 0
             served.blocks.check_invariants()
