@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 # TGI's default ceiling on the longest sequence when the model allows more.
 DEFAULT_MAX_TOTAL_TOKENS = 4096
-# TGI sizes the default prefill budget a little above the longest prompt so that block
-# alignment never makes the longest prompt miss it.
-PREFILL_TOKENS_MARGIN = 50
+# Prompt tokens computed in one step by default; longer prompts are prefilled in chunks.
+DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
 
 
 class ConfigError(ValueError):
@@ -60,7 +59,10 @@ class RouterConfig:
     # Bearer token every API route requires; None leaves the API open.
     api_key: str | None = None
     otlp_endpoint: str | None = None
-    otlp_service_name: str = "shardgen-router"
+    # None: OTEL_SERVICE_NAME, else "shardgen" (common.tracing decides).
+    otlp_service_name: str | None = None
+    # Seconds to wait for the shards' Health, and separately for their warm-up.
+    shard_timeout_s: float = 600.0
     json_output: bool = False
     log_level: str = "info"
 
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-total-tokens", type=_positive_int, default=None,
                    help=f"default: min(max_position_embeddings, {DEFAULT_MAX_TOTAL_TOKENS})")
     p.add_argument("--max-batch-prefill-tokens", type=_positive_int, default=None,
-                   help=f"default: --max-input-tokens plus {PREFILL_TOKENS_MARGIN}")
+                   help=f"prompt tokens computed in one step; longer prompts are chunked "
+                        f"(default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS})")
     p.add_argument("--max-batch-total-tokens", type=_positive_int, default=None,
                    help="default: every KV slot the shards report at warm-up")
     p.add_argument("--max-batch-size", type=_positive_int, default=None)
@@ -137,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every API route")
     p.add_argument("--otlp-endpoint", default=None, help="OTLP traces endpoint")
-    p.add_argument("--otlp-service-name", default=defaults.otlp_service_name)
+    p.add_argument("--otlp-service-name", default=None)
+    p.add_argument("--shard-timeout", type=_non_negative_float, default=defaults.shard_timeout_s,
+                   help="seconds to wait for the shards to answer, and to warm up")
     p.add_argument("--json-output", action="store_true", help="log one JSON object per line")
     p.add_argument("--log-level", default=defaults.log_level,
                    choices=["debug", "info", "warning", "error", "critical"],
@@ -178,6 +183,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         api_key=args.api_key,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,
+        shard_timeout_s=args.shard_timeout,
         json_output=args.json_output,
         log_level=args.log_level,
     )
@@ -214,30 +220,25 @@ def resolve_limits(config: RouterConfig, *, max_position_embeddings: int,
     if max_input >= total:
         raise ConfigError(f"--max-input-tokens ({max_input}) must be less than "
                           f"--max-total-tokens ({total})")
-    prefill = config.max_batch_prefill_tokens
-    if prefill is None:
-        prefill = max_input + PREFILL_TOKENS_MARGIN
-    if prefill < max_input:
-        raise ConfigError(f"--max-batch-prefill-tokens ({prefill}) must be at least "
-                          f"--max-input-tokens ({max_input})")
+    prefill = config.max_batch_prefill_tokens or DEFAULT_MAX_BATCH_PREFILL_TOKENS
     batch_total = config.max_batch_total_tokens
-    if batch_total is None and kv_capacity_tokens is not None:
-        batch_total = kv_capacity_tokens
     if batch_total is not None:
-        _check_batch_total(batch_total, total, prefill, kv_capacity_tokens)
+        _check_batch_total(batch_total, total, kv_capacity_tokens)
+    elif kv_capacity_tokens is not None:
+        if kv_capacity_tokens < total:
+            raise ConfigError(f"the shards' KV cache holds {kv_capacity_tokens} tokens, fewer "
+                              f"than --max-total-tokens ({total}): lower --max-total-tokens "
+                              f"or give the shards more KV memory")
+        batch_total = kv_capacity_tokens
     return dataclasses.replace(config, max_total_tokens=total, max_input_tokens=max_input,
                                max_batch_prefill_tokens=prefill,
                                max_batch_total_tokens=batch_total)
 
 
-def _check_batch_total(batch_total: int, max_total: int, prefill: int,
-                       kv_capacity_tokens: int | None) -> None:
+def _check_batch_total(batch_total: int, max_total: int, kv_capacity_tokens: int | None) -> None:
     if batch_total < max_total:
         raise ConfigError(f"--max-batch-total-tokens ({batch_total}) must be at least "
                           f"--max-total-tokens ({max_total})")
-    if batch_total < prefill:
-        raise ConfigError(f"--max-batch-total-tokens ({batch_total}) must be at least "
-                          f"--max-batch-prefill-tokens ({prefill})")
     if kv_capacity_tokens is not None and batch_total > kv_capacity_tokens:
         raise ConfigError(f"--max-batch-total-tokens ({batch_total}) exceeds the KV capacity "
                           f"of the shards ({kv_capacity_tokens} tokens)")

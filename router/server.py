@@ -150,6 +150,9 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ValidationError as error:
         return error_response(422, str(error), "validation")
     except QueueFullError as error:
+        if not request.app[STATE].accepting:
+            # The engine refuses because it drains: that is not a reason to retry here.
+            return error_response(503, str(error), "unavailable")
         return error_response(429, str(error) or "the server is overloaded, retry later",
                               "overloaded")
     except GenerationError as error:

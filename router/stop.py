@@ -32,8 +32,8 @@ class StopSequenceMatcher:
 
         The answer is an offset into the whole text fed so far (every piece since the
         start), just past the stop sequence's last character. Of matches completed by the
-        same piece, the one ending first wins. Once a match has been reported the caller
-        is expected to stop feeding.
+        same piece, the one ending first wins. A match is reported once: feeding on after
+        it reports only matches that end later.
         """
         if not self._stops or not piece:
             return None

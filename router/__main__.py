@@ -1,0 +1,5 @@
+"""`python -m shardgen.router`: the same as `shardgen-router`."""
+
+from shardgen.router.main import main
+
+main()

@@ -1,0 +1,169 @@
+"""`shardgen-router`: connect to the shards, warm them up, serve HTTP, drain on SIGTERM.
+
+Start-up: parse argv into a RouterConfig; wait for every shard to answer Health; read the
+model's Info to settle the token limits that default to the model's; warm the shards up
+with those limits (loading the tokenizer meanwhile); build the engine; serve HTTP. The
+HTTP port opens only when all of that succeeded, so /health answering means ready.
+
+Shutdown (SIGTERM or SIGINT): new requests get 503, requests in the engine get
+--drain-timeout seconds to finish, then the HTTP server and the shard channels close and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from shardgen.common.logging import setup_logging
+from shardgen.common.tracing import setup_tracing, shutdown_tracing
+from shardgen.proto import generate_pb2
+from shardgen.router.config import ConfigError, RouterConfig, parse_args, resolve_limits
+from shardgen.router.server import ModelInfo, create_app, stop_accepting
+from shardgen.router.tokenization import Tokenizer
+
+logger = logging.getLogger("shardgen.router")
+
+
+def model_info(config: RouterConfig, info: generate_pb2.InfoResponse, block_size: int,
+               ) -> ModelInfo:
+    """What /info reports about the model, from rank 0's Info answer."""
+    return ModelInfo(model_id=config.served_model_name or info.model_id, dtype=info.dtype,
+                     device_type=info.device_type, block_size=block_size,
+                     num_shard=config.num_shard,
+                     max_position_embeddings=info.max_position_embeddings,
+                     version=info.version)
+
+
+def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: Any,
+            num_blocks: int, block_size: int) -> Any:
+    """The engine over the warmed-up shards (imported here: it pulls in gRPC).
+
+    max_batch_total_tokens: the bound the user gave, or None; the resolved config's value
+    (the whole KV capacity by default) is for /info, the KV blocks themselves bound the rest.
+    """
+    from shardgen.router.block_manager import BlockManager
+    from shardgen.router.engine import Engine, SchedulerConfig
+
+    assert config.max_batch_prefill_tokens is not None
+    scheduler = SchedulerConfig(
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_batch_prefill_tokens=config.max_batch_prefill_tokens,
+        max_batch_total_tokens=max_batch_total_tokens,
+        max_batch_size=config.max_batch_size,
+        waiting_served_ratio=config.waiting_served_ratio,
+        max_waiting_tokens=config.max_waiting_tokens,
+        enable_prefix_caching=config.enable_prefix_caching)
+    blocks = BlockManager(num_blocks, block_size,
+                          enable_prefix_caching=config.enable_prefix_caching)
+    return Engine(client, scheduler, blocks)
+
+
+async def _start(config: RouterConfig) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo]:
+    """Connect, settle the limits, warm up; returns (client, engine, tokenizer, config, info)."""
+    from shardgen.router.client import ShardClient
+
+    client = ShardClient(config.uds_path, config.num_shard)
+    tokenizer_task = asyncio.ensure_future(
+        asyncio.to_thread(Tokenizer.from_pretrained, config.tokenizer))
+    try:
+        await client.wait_until_healthy(config.shard_timeout_s)
+        info = await client.info()
+        limits = resolve_limits(config, max_position_embeddings=info.max_position_embeddings)
+        assert limits.max_batch_prefill_tokens is not None and limits.max_total_tokens is not None
+        warmup = await client.warmup(
+            limits.max_batch_prefill_tokens,
+            limits.max_batch_size or limits.max_concurrent_requests,
+            limits.max_total_tokens, config.shard_timeout_s)
+        # Block 0 is reserved: the others hold requests.
+        capacity = (warmup.num_blocks - 1) * warmup.block_size
+        resolved = resolve_limits(config, max_position_embeddings=info.max_position_embeddings,
+                                  kv_capacity_tokens=capacity)
+        tokenizer = await tokenizer_task
+    except BaseException:
+        tokenizer_task.cancel()
+        await client.close()
+        raise
+    logger.info("serving %s: max_input_tokens=%s max_total_tokens=%s "
+                "max_batch_prefill_tokens=%s max_batch_total_tokens=%s (%d KV blocks of %d)",
+                config.served_model_name, resolved.max_input_tokens, resolved.max_total_tokens,
+                resolved.max_batch_prefill_tokens, resolved.max_batch_total_tokens,
+                warmup.num_blocks, warmup.block_size)
+    engine = _engine(resolved, config.max_batch_total_tokens, client, warmup.num_blocks,
+                     warmup.block_size)
+    return client, engine, tokenizer, resolved, model_info(config, info, warmup.block_size)
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(config: RouterConfig) -> int:
+    """Run the router until SIGTERM/SIGINT; returns the exit status."""
+    stop = _stop_event()
+    client, engine, tokenizer, resolved, info = await _start(config)
+    await engine.start()
+    app = create_app(resolved, tokenizer, engine, info)
+    # handler_cancellation: a client that goes away cancels its handler, which cancels
+    # its engine request, instead of generating for nobody.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.hostname, config.port).start()
+        logger.info("listening on http://%s:%d", config.hostname, config.port)
+        await stop.wait()
+        logger.info("shutting down: draining for up to %.0f s", config.drain_timeout_s)
+        stop_accepting(app)
+        await engine.stop(config.drain_timeout_s)
+    finally:
+        await runner.cleanup()
+        await client.close()
+        tokenizer.close()
+    logger.info("stopped")
+    return 0
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `shardgen-router` and `python -m shardgen.router`."""
+    try:
+        config = parse_args(argv)
+    except ConfigError as error:
+        sys.exit(f"shardgen-router: {error}")
+    setup_logging("router", json_output=config.json_output, level=config.log_level)
+    setup_tracing(config.otlp_service_name, config.otlp_endpoint)
+    try:
+        code = _run(serve(config))
+    except ConfigError as error:
+        logger.error("%s", error)
+        code = 1
+    except Exception:
+        # Start-up failed (a shard did not answer, warm-up failed...): say why, exit 1.
+        logger.exception("the router stopped on an error")
+        code = 1
+    finally:
+        shutdown_tracing()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
