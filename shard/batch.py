@@ -284,6 +284,7 @@ class _Layout:
         self.positions: list[np.ndarray] = []
         self.slots: list[np.ndarray] = []
         self.query_lens: list[int] = []
+        self.seq_lens: list[np.ndarray] = []   # per sequence: tokens in cache after the step
         self.logit_rows: list[np.ndarray] = []
         self.num_logit_rows = 0
         self.sample_rows: list[int] = []
@@ -299,6 +300,7 @@ class _Layout:
         self.positions.append(running.seq_lens - 1)
         self.slots.append(running.decode_slots(block_size))
         self.query_lens.extend([1] * n)
+        self.seq_lens.append(running.seq_lens)
         self.logit_rows.append(np.arange(self.num_tokens, self.num_tokens + n, dtype=np.int64))
         self.sample_rows.extend(range(self.num_logit_rows, self.num_logit_rows + n))
         self.num_logit_rows += n
@@ -312,6 +314,7 @@ class _Layout:
         self.positions.append(np.arange(seq.start, seq.end, dtype=np.int64))
         self.slots.append(np.asarray(seq.slots, dtype=np.int64))
         self.query_lens.append(n)
+        self.seq_lens.append(np.array([seq.end], dtype=np.int64))
         if seq.prefill_logprobs:
             rows = np.arange(self.num_tokens, self.num_tokens + n, dtype=np.int64)
         elif seq.finishes_prompt:
@@ -350,7 +353,7 @@ def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_si
 def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) -> StepInputs:
     query_lens = np.asarray(layout.query_lens, dtype=np.int64)
     positions = np.concatenate(layout.positions)
-    seq_lens = np.array([p[-1] + 1 for p in layout.positions], dtype=np.int64)
+    seq_lens = np.concatenate(layout.seq_lens)
     cu_seqlens = np.concatenate([[0], np.cumsum(query_lens)])
     logit_rows = np.concatenate(layout.logit_rows)
     parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots), logit_rows,
