@@ -10,12 +10,16 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig
 
 from shardgen.shard.layers.attention import make_attention_metadata
 from shardgen.shard.models import CausalLM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -26,6 +30,10 @@ Step = Sequence[tuple[int, int]]
 
 def save_random_model(path: Path, config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     """Saves a randomly initialised float32 model (safetensors) to `path`; returns it."""
+    # Imported here: the model classes are slow to import, and tensor-parallel worker
+    # processes import this module without needing them.
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     model.save_pretrained(path)
