@@ -89,6 +89,22 @@ def test_paged_attention_bfloat16_close_to_reference() -> None:
     torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_padding_decode_rows_come_out_as_zeros() -> None:
+    """CUDA-graph padding: a decode row with seq_len 0 sees nothing; the others are unaffected."""
+    case = _case(4, 2, 16, 4, [(5, 1), (0, 1), (2, 1)], torch.float32, seed=4)
+    meta = make_attention_metadata(case["tables"], case["cache_lens"], case["q_lens"], 4)
+    padded_lens = meta.seq_lens.clone()
+    padded_lens[1] = 0
+    args = (case["k_cache"], case["v_cache"], meta.block_tables)
+    out = paged_attention(case["q"], *args, padded_lens, meta.cu_seqlens_q, 1, 0.25)
+    full = paged_attention(case["q"], *args, meta.seq_lens, meta.cu_seqlens_q, 1, 0.25)
+    assert not out[1].any()
+    assert torch.equal(out[[0, 2]], full[[0, 2]])
+    only_padding = paged_attention(case["q"][1:2], case["k_cache"], case["v_cache"], meta.block_tables[1:2],
+                                   padded_lens[1:2], meta.cu_seqlens_q[:2], 1, 0.25)
+    assert not only_padding.any()
+
+
 def test_write_kv_touches_only_the_given_slots() -> None:
     k_cache = torch.zeros(5, 4, 2, 3)
     v_cache = torch.zeros(5, 4, 2, 3)

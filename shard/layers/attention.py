@@ -145,7 +145,13 @@ def _attend_decodes(
     scale: float,
     sliding_window: int,
 ) -> torch.Tensor:
-    """One query per sequence, [B, Hq, D], over keys padded to the longest sequence."""
+    """One query per sequence, [B, Hq, D], over keys padded to the longest sequence.
+
+    A padding row (seq_len 0: it sees no key) comes out as zeros, as in the Triton kernel.
+    """
+    seen = seq_lens > 0
+    if not bool(seen.any()):
+        return torch.zeros_like(q)
     block_size = k_cache.shape[1]
     num_blocks = -(-int(seq_lens.max()) // block_size)
     used = block_tables[:, :num_blocks].long()
@@ -159,7 +165,8 @@ def _attend_decodes(
     valid = (k_pos < seq_lens[:, None])[:, :, None, None]
     k = k.masked_fill(~valid, 0)
     v = v.masked_fill(~valid, 0)
-    return _sdpa_batched(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
+    out = _sdpa_batched(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
+    return out.masked_fill(~seen[:, None, None], 0)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
