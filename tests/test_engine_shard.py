@@ -92,12 +92,12 @@ def _reference_model(model_class: type) -> object:
 
 
 @contextlib.asynccontextmanager
-async def engine_on(shard_path: str, *, num_blocks: int = SHARD_BLOCKS,
+async def engine_on(shard_path: str, *, num_blocks: int = SHARD_BLOCKS, num_shard: int = 1,
                     metrics: Metrics | None = None,
                     **config: object) -> AsyncIterator[tuple[Engine, BlockManager]]:
     client, _, shard_blocks, block_size = await connect_and_warm_up(
-        shard_path, 1, max_batch_prefill_tokens=256, max_batch_size=32, max_total_tokens=256,
-        timeout_s=60)
+        shard_path, num_shard, max_batch_prefill_tokens=256, max_batch_size=32,
+        max_total_tokens=256, timeout_s=60)
     assert block_size == BLOCK_SIZE and shard_blocks == SHARD_BLOCKS
     blocks = BlockManager(num_blocks, block_size)
     engine = Engine(client, SchedulerConfig(**config), blocks, metrics=metrics)
