@@ -25,6 +25,7 @@ from shardgen.common.logging import setup_logging
 from shardgen.common.tracing import setup_tracing, shutdown_tracing
 from shardgen.proto import generate_pb2
 from shardgen.router.config import ConfigError, RouterConfig, parse_args, resolve_limits
+from shardgen.router.metrics import Metrics
 from shardgen.router.server import ModelInfo, create_app, stop_accepting
 from shardgen.router.tokenization import Tokenizer
 
@@ -42,13 +43,13 @@ def model_info(config: RouterConfig, info: generate_pb2.InfoResponse, block_size
 
 
 def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: Any,
-            num_blocks: int, block_size: int) -> Any:
-    """The engine over the warmed-up shards (imported here: it pulls in gRPC).
+            num_blocks: int, block_size: int, metrics: Metrics) -> Any:
+    """The engine over the warmed-up shards, its state gauges bound to metrics.
 
     max_batch_total_tokens: the bound the user gave, or None; the resolved config's value
     (the whole KV capacity by default) is for /info, the KV blocks themselves bound the rest.
     """
-    from shardgen.router.block_manager import BlockManager
+    from shardgen.router.block_manager import BlockManager  # gRPC and friends: only here
     from shardgen.router.engine import Engine, SchedulerConfig
 
     assert config.max_batch_prefill_tokens is not None
@@ -62,10 +63,17 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
         enable_prefix_caching=config.enable_prefix_caching)
     blocks = BlockManager(num_blocks, block_size,
                           enable_prefix_caching=config.enable_prefix_caching)
-    return Engine(client, scheduler, blocks)
+    engine = Engine(client, scheduler, blocks, metrics=metrics)
+    metrics.bind_state(queue_size=lambda: engine.queue_size,
+                       batch_size=lambda: engine.running_size,
+                       kv_blocks_total=lambda: num_blocks - 1,  # block 0 is reserved
+                       kv_blocks_used=lambda: blocks.num_used_blocks,
+                       kv_blocks_cached=lambda: blocks.num_cached_blocks)
+    return engine
 
 
-async def _start(config: RouterConfig) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo]:
+async def _start(config: RouterConfig, metrics: Metrics
+                 ) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo]:
     """Connect, settle the limits, warm up; returns (client, engine, tokenizer, config, info)."""
     from shardgen.router.client import ShardClient
 
@@ -96,7 +104,7 @@ async def _start(config: RouterConfig) -> tuple[Any, Any, Tokenizer, RouterConfi
                 resolved.max_batch_prefill_tokens, resolved.max_batch_total_tokens,
                 warmup.num_blocks, warmup.block_size)
     engine = _engine(resolved, config.max_batch_total_tokens, client, warmup.num_blocks,
-                     warmup.block_size)
+                     warmup.block_size, metrics)
     return client, engine, tokenizer, resolved, model_info(config, info, warmup.block_size)
 
 
@@ -109,24 +117,45 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+async def _start_or_stop(config: RouterConfig, metrics: Metrics, stop: asyncio.Event
+                         ) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo] | None:
+    """`_start`, unless a signal comes first (then None): warm-up may take minutes."""
+    starting = asyncio.ensure_future(_start(config, metrics))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        return starting.result()
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    return None
+
+
 async def serve(config: RouterConfig) -> int:
     """Run the router until SIGTERM/SIGINT; returns the exit status."""
     stop = _stop_event()
-    client, engine, tokenizer, resolved, info = await _start(config)
-    await engine.start()
-    app = create_app(resolved, tokenizer, engine, info)
+    metrics = Metrics()
+    started = await _start_or_stop(config, metrics, stop)
+    if started is None:
+        logger.info("stopped during start-up")
+        return 0
+    client, engine, tokenizer, resolved, info = started
+    app = create_app(resolved, tokenizer, engine, info, metrics=metrics)
     # handler_cancellation: a client that goes away cancels its handler, which cancels
     # its engine request, instead of generating for nobody.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
+    drain_timeout_s = 0.0  # on a failure below, fail whatever the engine holds at once
     try:
+        await engine.start()
+        await runner.setup()
         await web.TCPSite(runner, config.hostname, config.port).start()
         logger.info("listening on http://%s:%d", config.hostname, config.port)
         await stop.wait()
         logger.info("shutting down: draining for up to %.0f s", config.drain_timeout_s)
         stop_accepting(app)
-        await engine.stop(config.drain_timeout_s)
+        drain_timeout_s = config.drain_timeout_s
     finally:
+        await engine.stop(drain_timeout_s)
         await runner.cleanup()
         await client.close()
         tokenizer.close()

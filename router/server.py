@@ -20,12 +20,17 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 
 from shardgen.router import tgi_schema
 from shardgen.router.config import RouterConfig
+from shardgen.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from shardgen.router.metrics import Metrics
+from shardgen.router.request_metrics import RequestTimer, count_outcome
 from shardgen.router.requests import GenerationError, GenerationRequest, QueueFullError
 from shardgen.router.sse import EventStream
 from shardgen.router.token_stream import RequestHandle, TextStream, TextToken
@@ -35,11 +40,18 @@ from shardgen.router.validation import (BodyShapeError, GenerateParameters, Vali
                                         fit_to_limits, parse_generate_body)
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer("shardgen.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Routes that answer without the API key: orchestrator probes.
-_OPEN_ROUTES = frozenset({"/health", "/ready"})
+# Routes that answer without the API key: orchestrator probes and the metrics scrape.
+_OPEN_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+# Routes whose outcomes the request counter counts.
+_GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/"})
+# A handler that answered 200 but failed later (mid-stream) records its outcome here
+# (typed request keys arrived in aiohttp 3.13; older ones take the plain string).
+_OUTCOME: Any = (web.RequestKey("shardgen_outcome", str) if hasattr(web, "RequestKey")
+                 else "shardgen_outcome")
 
 
 class Engine(Protocol):
@@ -74,6 +86,7 @@ class ServerState:
     engine: Engine
     info: ModelInfo
     limits: ValidationLimits
+    metrics: Metrics | None = None
     accepting: bool = True
 
 
@@ -87,6 +100,7 @@ class Prepared:
     inputs: str
     params: GenerateParameters
     request: GenerationRequest
+    timer: RequestTimer
 
 
 @dataclass(frozen=True)
@@ -102,11 +116,12 @@ class Completion:
 
 
 def create_app(config: RouterConfig, tokenizer: Tokenizer, engine: Engine,
-               info: ModelInfo) -> web.Application:
+               info: ModelInfo, *, metrics: Metrics | None = None) -> web.Application:
     """The aiohttp application serving the TGI-style API over `engine`.
 
-    config must have its limits resolved (`config.resolve_limits`). Other route modules
-    may add their routes to the returned app and read `app[STATE]`.
+    config must have its limits resolved (`config.resolve_limits`). With metrics, the app
+    records per-request figures there and serves them on GET /metrics. Other route
+    modules may add their routes to the returned app and read `app[STATE]`.
     """
     if config.max_input_tokens is None or config.max_total_tokens is None:
         raise ValueError("create_app needs a config whose token limits are resolved")
@@ -118,13 +133,15 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, engine: Engine,
     if config.api_key:
         middlewares.append(_auth_middleware(config.api_key))
     app = web.Application(client_max_size=config.payload_limit, middlewares=middlewares)
-    app[STATE] = ServerState(config, tokenizer, engine, info, limits)
+    app[STATE] = ServerState(config, tokenizer, engine, info, limits, metrics)
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_post("/", compat_generate)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/info", model_info)
+    if metrics is not None:
+        app.router.add_get("/metrics", prometheus_metrics)
     return app
 
 
@@ -141,33 +158,48 @@ def error_response(status: int, message: str, error_type: str) -> web.Response:
     return web.json_response({"error": message, "error_type": error_type}, status=status)
 
 
+def _classify(request: web.Request, error: Exception) -> tuple[int, str, str] | None:
+    """(status, message, error_type) answering an exception; None for a redirect."""
+    state = request.app[STATE]
+    if isinstance(error, BodyShapeError):
+        return 400, str(error), "validation"
+    if isinstance(error, ValidationError):
+        return 422, str(error), "validation"
+    if isinstance(error, (NotReadyError, QueueFullError)) and not state.accepting:
+        # The engine refuses because it drains: no reason for the client to retry here.
+        return 503, str(error), "unavailable"
+    if isinstance(error, QueueFullError):
+        return 429, str(error) or "the server is overloaded", "overloaded"
+    if isinstance(error, GenerationError):
+        logger.warning("generation failed: %s", error)
+        return 424, str(error), "generation"
+    if isinstance(error, web.HTTPRequestEntityTooLarge):
+        return 413, (f"the body is larger than the payload limit of "
+                     f"{state.config.payload_limit} bytes (--payload-limit): {error.text}"
+                     ), "validation"
+    if isinstance(error, web.HTTPException):
+        return None if error.status < 400 else (error.status, error.reason, "http")
+    logger.error("%s %s failed", request.method, request.path, exc_info=error)
+    return 500, f"internal error: {type(error).__name__}", "internal"
+
+
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes a JSON answer; generation requests are counted by outcome."""
+    outcome = "cancelled"  # stays so when the client goes away mid-request
     try:
-        return await handler(request)
-    except BodyShapeError as error:
-        return error_response(400, str(error), "validation")
-    except ValidationError as error:
-        return error_response(422, str(error), "validation")
-    except QueueFullError as error:
-        if not request.app[STATE].accepting:
-            # The engine refuses because it drains: that is not a reason to retry here.
-            return error_response(503, str(error), "unavailable")
-        return error_response(429, str(error) or "the server is overloaded, retry later",
-                              "overloaded")
-    except GenerationError as error:
-        logger.warning("generation failed: %s", error)
-        return error_response(424, str(error), "generation")
-    except NotReadyError as error:
-        return error_response(503, str(error), "unavailable")
-    except web.HTTPRequestEntityTooLarge as error:
-        limit = request.app[STATE].config.payload_limit
-        return error_response(413, f"request body is larger than the payload limit of {limit} "
-                              f"bytes (--payload-limit): {error.text}", "validation")
-    except web.HTTPException as error:
-        if error.status < 400:
+        response = await handler(request)
+        outcome = request.get(_OUTCOME, "success")
+        return response
+    except Exception as error:  # each kind gets its status in _classify
+        answer = _classify(request, error)
+        if answer is None:
             raise
-        return error_response(error.status, error.reason, "http")
+        status, message, outcome = answer
+        return error_response(status, message, outcome)
+    finally:
+        if request.path in _GENERATION_ROUTES and request.method == "POST":
+            count_outcome(request.app[STATE].metrics, outcome)
 
 
 def _auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -197,14 +229,32 @@ async def _read_json(request: web.Request) -> object:
         raise BodyShapeError(f"the body is not valid JSON: {error}") from error
 
 
-async def prepare(state: ServerState, body: object) -> Prepared:
+async def prepare(state: ServerState, body: object, timer: RequestTimer) -> Prepared:
     """Validate and tokenize a TGI /generate body."""
     if not state.accepting:
         raise NotReadyError("the server is shutting down and admits no new requests")
     inputs, params = parse_generate_body(body, state.limits)
     input_ids = await state.tokenizer.encode(inputs)
     input_ids, max_new_tokens = fit_to_limits(input_ids, params, state.limits)
-    return Prepared(inputs, params, build_request(input_ids, max_new_tokens, params))
+    request = build_request(input_ids, max_new_tokens, params)
+    # The engine continues the HTTP request's trace on the shards.
+    request.trace_context = otel_context.get_current()
+    trace.get_current_span().set_attributes({"input_tokens": len(input_ids),
+                                             "max_new_tokens": max_new_tokens})
+    timer.admitted(len(input_ids))
+    return Prepared(inputs, params, request, timer)
+
+
+def _traced(handler: Handler) -> Handler:
+    """Run a generation handler in a server span that continues the caller's trace."""
+    async def traced(request: web.Request) -> web.StreamResponse:
+        with _tracer.start_as_current_span(
+                f"{request.method} {request.path}", kind=trace.SpanKind.SERVER,
+                context=propagate.extract(request.headers)):
+            return await handler(request)
+
+    traced.__doc__ = handler.__doc__
+    return traced
 
 
 def submit(state: ServerState, request: GenerationRequest) -> RequestHandle:
@@ -218,11 +268,14 @@ def submit(state: ServerState, request: GenerationRequest) -> RequestHandle:
 
 
 async def run_to_end(state: ServerState, request: GenerationRequest,
-                     params: GenerateParameters) -> Completion:
+                     params: GenerateParameters, timer: RequestTimer) -> Completion:
     """Submit one request and collect all its tokens (cancelled if this task is)."""
     stream = TextStream(submit(state, request), state.tokenizer, params.stop)
+    tokens = []
     try:
-        tokens = [token async for token in stream]
+        async for token in stream:
+            timer.token()
+            tokens.append(token)
     finally:
         stream.close()
     return Completion(stream, tokens, request.sampling.seed)
@@ -231,19 +284,23 @@ async def run_to_end(state: ServerState, request: GenerationRequest,
 # ---------------------------------------------------------------- generation routes
 
 
+@_traced
 async def generate(request: web.Request) -> web.StreamResponse:
     """POST /generate: the whole generation in one JSON body."""
     state = request.app[STATE]
-    prepared = await prepare(state, await _read_json(request))
+    timer = RequestTimer(state.metrics)
+    prepared = await prepare(state, await _read_json(request), timer)
     return await _generate(state, prepared)
 
 
 async def _generate(state: ServerState, prepared: Prepared) -> web.Response:
     params = prepared.params
     if params.best_of == 1:
-        best, others = await run_to_end(state, prepared.request, params), []
+        best, others = await run_to_end(state, prepared.request, params, prepared.timer), []
     else:
         best, others = await _best_of(state, prepared)
+    prepared.timer.finished(len(best.tokens))
+    _end_span(best.stream)
     body = tgi_schema.generate_response(prepared.inputs, params, _as_sequence(best, params),
                                         [_as_sequence(other, params) for other in others])
     return web.json_response(body)
@@ -268,7 +325,10 @@ async def _best_of(state: ServerState, prepared: Prepared) -> tuple[Completion, 
     requests = [dataclasses.replace(prepared.request,
                                     sampling=dataclasses.replace(params.sampling, seed=seed))
                 for seed in seeds]
-    tasks = [asyncio.ensure_future(run_to_end(state, request, params)) for request in requests]
+    # The first sample times the request; timing the others too would count it twice.
+    timers = [prepared.timer] + [RequestTimer(None)] * (len(requests) - 1)
+    tasks = [asyncio.ensure_future(run_to_end(state, request, params, timer))
+             for request, timer in zip(requests, timers)]
     try:
         completions = await asyncio.gather(*tasks)
     finally:
@@ -278,10 +338,12 @@ async def _best_of(state: ServerState, prepared: Prepared) -> tuple[Completion, 
     return ranked[0], ranked[1:]
 
 
+@_traced
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """POST /generate_stream: one server-sent event per token, the last with the text."""
     state = request.app[STATE]
-    prepared = await prepare(state, await _read_json(request))
+    timer = RequestTimer(state.metrics)
+    prepared = await prepare(state, await _read_json(request), timer)
     return await _generate_stream(request, state, prepared)
 
 
@@ -292,38 +354,51 @@ async def _generate_stream(request: web.Request, state: ServerState,
     events = EventStream(request)
     stream = TextStream(submit(state, prepared.request), state.tokenizer, params.stop)
     input_length = len(prepared.request.input_ids)
-    index = 0
     try:
         async for token in stream:
-            index += 1
+            prepared.timer.token()
             final_text = None
             if token.finish_reason is not None:
                 final_text = tgi_schema.full_text(prepared.inputs, stream.generated_text, params)
             await events.send(tgi_schema.stream_event(
-                index, token, params, final_text=final_text, seed=params.reported_seed,
-                input_length=input_length))
+                stream.generated_tokens, token, params, final_text=final_text,
+                seed=params.reported_seed, input_length=input_length))
     except GenerationError as error:
         if not events.started:
             raise  # still time to answer 424
         logger.warning("generation failed mid-stream: %s", error)
+        request[_OUTCOME] = "generation"
         await events.send({"error": str(error), "error_type": "generation"})
     finally:
         # Also when the client went away: a write raised, or aiohttp cancelled this task.
         stream.close()
+    if stream.finish_reason is not None:
+        prepared.timer.finished(stream.generated_tokens)
+        _end_span(stream)
     return await events.finish()
 
 
+@_traced
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """POST /: TGI's compatibility route; `"stream": true` picks /generate_stream."""
     state = request.app[STATE]
+    timer = RequestTimer(state.metrics)
     body = await _read_json(request)
     stream = body.get("stream", False) if isinstance(body, dict) else False
     if not isinstance(stream, bool):
         raise ValidationError(f"`stream` must be true or false, got {stream!r}")
-    prepared = await prepare(state, body)
+    prepared = await prepare(state, body, timer)
     if stream:
         return await _generate_stream(request, state, prepared)
     return await _generate(state, prepared)
+
+
+def _end_span(stream: TextStream) -> None:
+    """Note the outcome of a finished generation on the request's span."""
+    assert stream.finish_reason is not None
+    trace.get_current_span().set_attributes({
+        "generated_tokens": stream.generated_tokens,
+        "finish_reason": stream.finish_reason.value})
 
 
 # ---------------------------------------------------------------- probes and info
@@ -339,6 +414,13 @@ async def ready(request: web.Request) -> web.Response:
     if not request.app[STATE].accepting:
         return error_response(503, "the server is shutting down", "unavailable")
     return web.json_response({"status": "ready"})
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text format (served when the app has metrics)."""
+    metrics = request.app[STATE].metrics
+    assert metrics is not None, "the route exists only with metrics"
+    return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def model_info(request: web.Request) -> web.Response:

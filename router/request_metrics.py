@@ -1,0 +1,55 @@
+"""Per-request metrics that only the HTTP layer can see: arrival to first and last token.
+
+The engine records what happens per step (batch sizes, step times, preemptions); a
+`RequestTimer` records, for one HTTP request, the prompt size, the time to the first token,
+the gaps between tokens, the whole duration and the tokens generated. With no Metrics
+object every method is a no-op, so handlers call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from shardgen.router.metrics import Metrics
+
+
+class RequestTimer:
+    """Times one request from its arrival (the timer's creation)."""
+
+    def __init__(self, metrics: Metrics | None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._arrival = clock()
+        self._last_token: float | None = None
+
+    def admitted(self, input_tokens: int) -> None:
+        """The request passed validation with this many prompt tokens."""
+        if self._metrics is not None:
+            self._metrics.input_tokens.observe(input_tokens)
+            self._metrics.prompt_tokens.inc(input_tokens)
+
+    def token(self) -> None:
+        """A generated token reached the handler."""
+        if self._metrics is None:
+            return
+        now = self._clock()
+        if self._last_token is None:
+            self._metrics.time_to_first_token.observe(now - self._arrival)
+        else:
+            self._metrics.inter_token_latency.observe(now - self._last_token)
+        self._last_token = now
+        self._metrics.generated_tokens_total.inc()
+
+    def finished(self, generated_tokens: int) -> None:
+        """The request completed (any finish reason) after generated_tokens tokens."""
+        if self._metrics is not None:
+            self._metrics.request_duration.observe(self._clock() - self._arrival)
+            self._metrics.generated_tokens.observe(generated_tokens)
+
+
+def count_outcome(metrics: Metrics | None, outcome: str) -> None:
+    """Count a finished generation request: "success", or the error_type it got."""
+    if metrics is not None:
+        metrics.requests.labels(outcome).inc()
