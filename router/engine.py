@@ -227,7 +227,7 @@ class Engine:
             except Exception:
                 # A bug here must not stop serving: fail what is in flight, start afresh.
                 logger.exception("the batching loop failed a step")
-                self._fail_everything("internal error in the router's batching loop")
+                await self._fail_everything("internal error in the router's batching loop")
                 did_work = True
             if not did_work:
                 # Nothing can run until a request arrives, leaves or passes its deadline.
@@ -360,14 +360,12 @@ class Engine:
         except ShardError as error:
             logger.warning("could not clear the shards' cache: %s", error)
 
-    def _fail_everything(self, reason: str) -> None:
+    async def _fail_everything(self, reason: str) -> None:
         for seq in self._scheduler.remove_all():
             self._close(seq.request_id, GenerationError(reason))
-        # The shards may hold a batch the router no longer knows: the next step starts a new
-        # one, and the old one is cleared when the loop can await again.
-        if self._batch_id is not None:
-            self._batch_id = None
-            asyncio.get_running_loop().create_task(self._clear_shard_cache())
+        # The shards may hold a batch the router no longer knows.
+        self._batch_id = None
+        await self._clear_shard_cache()
 
     # ------------------------------------------------------------------ results to streams
 

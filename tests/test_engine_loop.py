@@ -328,3 +328,23 @@ def test_a_request_past_its_deadline_fails(tmp_path):
             await wait_idle(served)
             assert served.blocks.num_used_blocks == 0 and served.shard.requests == {}
     asyncio.run(main())
+
+
+def test_a_bug_in_a_step_fails_the_requests_in_flight_but_not_the_loop(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as served:
+            handle = served.engine.submit(request(prompt(5), 50))
+            await handle.__anext__()
+            scheduler = served.engine._scheduler
+            schedule = scheduler.schedule
+
+            def broken(now: float) -> object:
+                scheduler.schedule = schedule
+                raise RuntimeError("a bug")
+            scheduler.schedule = broken
+            with pytest.raises(GenerationError, match="internal error"):
+                [event async for event in handle]
+            assert ids(await tokens_of(served.engine.submit(request(prompt(6), 4)))) == (
+                reference_tokens(prompt(6), 4, ignore_eos=True))
+            assert served.blocks.num_used_blocks == 0
+    asyncio.run(main())
