@@ -99,6 +99,7 @@ def paged_attention(
 
     Query heads share KV heads in groups of Hq // Hkv. sliding_window > 0 limits each
     query to the last `sliding_window` positions up to and including its own.
+    max_seqlen_q is not needed here (the kernels size their launch grid with it).
     """
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
@@ -159,12 +160,11 @@ def _attend_decodes(
     v = v_cache[used].flatten(1, 2)
     k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
     q_pos = (seq_lens.long() - 1)[:, None]
-    mask = _visible(q_pos, k_pos, sliding_window) & (k_pos < seq_lens[:, None])  # [B, K]
-    # Padding slots may hold anything (even NaN); zero them so that masked-out scores
-    # and values cannot leak into the softmax or the weighted sum.
-    valid = (k_pos < seq_lens[:, None])[:, :, None, None]
-    k = k.masked_fill(~valid, 0)
-    v = v.masked_fill(~valid, 0)
+    mask = _visible(q_pos, k_pos, sliding_window)  # [B, K]; causal, so never past seq_len
+    # Slots past a sequence's end may hold anything (even NaN); zero every masked-out key
+    # and value so that nothing leaks into the scores or the weighted sum.
+    k = k.masked_fill(~mask[:, :, None, None], 0)
+    v = v.masked_fill(~mask[:, :, None, None], 0)
     out = _sdpa_batched(q[:, None], k, v, mask[:, None, :], scale)[:, 0]
     return out.masked_fill(~seen[:, None, None], 0)
 

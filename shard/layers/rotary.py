@@ -41,7 +41,9 @@ def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor
 
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     if inv_freq.numel() * 2 != head_dim:
-        raise ValueError(f"partial rotary embedding is not supported: rotary dim {inv_freq.numel() * 2}, head_dim {head_dim}")
+        raise ValueError(
+            f"partial rotary embedding is not supported: rotary dim {inv_freq.numel() * 2}, head_dim {head_dim}"
+        )
     return inv_freq.float(), float(scaling)
 
 

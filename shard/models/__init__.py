@@ -62,7 +62,9 @@ def load_model(
     config = AutoConfig.from_pretrained(model_path)
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
-        raise ValueError(f"{model_path}/config.json names no architecture; supported: {', '.join(supported_architectures())}")
+        raise ValueError(
+            f"{model_path}/config.json names no architecture; supported: {', '.join(supported_architectures())}"
+        )
     model_class = get_model_class(architectures[0])
     tp = TensorParallelGroup(rank, world_size, process_group)
     with _default_dtype(dtype), torch.device(device):
