@@ -344,11 +344,12 @@ class Scheduler:
         Oldest first; when blocks run out the newest holder is preempted, which may be the
         request itself. A request that alone cannot grow can never finish: it fails.
         """
-        for seq in sorted(self._running, key=lambda s: s.request_id):
+        growing = [seq for seq in self._running
+                   if len(seq.blocks) * self._block_size < len(seq.token_ids)]
+        for seq in sorted(growing, key=lambda s: s.request_id):
+            # Until it has its block, or leaves (preempted as the newest holder, or failed).
             while seq.status is SeqStatus.RUNNING:
                 needed = len(seq.token_ids)
-                if len(seq.blocks) * self._block_size >= needed:
-                    break
                 allocation = self._blocks.allocate(seq.request_id, seq.token_ids, needed)
                 if allocation is not None:
                     seq.blocks = list(allocation.blocks)
