@@ -176,12 +176,8 @@ class Engine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for seq in self._scheduler.remove_all():
-            self._close(seq.request_id, GenerationError("the server stopped before the "
-                                                        "request finished"))
         # A step may have been in flight: whatever the shards hold is stale now.
-        self._batch_id = None
-        await self._clear_shard_cache()
+        await self._fail_everything("the server stopped before the request finished")
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; its handle streams the results.
