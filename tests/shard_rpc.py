@@ -1,4 +1,5 @@
-"""Helpers of the shard tests: a real shard server in-process, and a minimal router.
+"""Helpers of the shard tests: a real shard server in-process or as processes, and a
+minimal router.
 
 `InProcessShard` runs the production servicer and interceptor on a unix socket from a
 background event loop; tests talk to it with a plain synchronous gRPC stub, exactly as
@@ -10,9 +11,14 @@ Requests with slots, and drives Prefill/Decode.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,3 +206,54 @@ class Reference:
         logits = self.model(torch.tensor([list(prompt)])).logits[0].float()
         logprobs = torch.log_softmax(logits[:-1], dim=-1)
         return logprobs.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+
+
+# ---------------------------------------------------------------- shards as processes
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def shard_processes(world_size: int, *flags: str) -> Iterator[tuple[str, list[subprocess.Popen[bytes]], list[Path]]]:
+    folder = Path(tempfile.mkdtemp(prefix="sg-"))
+    uds = str(folder / "s")
+    port = str(free_port())
+    processes, logs = [], []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        logs.append(folder / f"rank{rank}.log")
+        with open(logs[-1], "wb") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "shardgen.shard", "--model-id", str(STORIES), "--uds-path",
+                 uds, "--device", "cpu", *flags], env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        yield uds, processes, logs
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def shard_stub(uds: str, rank: int) -> generate_pb2_grpc.TextGenerationServiceStub:
+    return generate_pb2_grpc.TextGenerationServiceStub(grpc.insecure_channel(f"unix://{uds}-{rank}"))
+
+
+def wait_healthy(uds: str, processes: list[subprocess.Popen[bytes]], logs: list[Path],
+                  timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for rank, process in enumerate(processes):
+        while True:
+            assert process.poll() is None, logs[rank].read_text()
+            if Path(f"{uds}-{rank}").exists():
+                try:
+                    shard_stub(uds, rank).Health(generate_pb2.HealthRequest(), timeout=2)
+                    break
+                except grpc.RpcError:
+                    pass
+            assert time.monotonic() < deadline, logs[rank].read_text()
+            time.sleep(0.1)
