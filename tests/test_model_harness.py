@@ -63,10 +63,11 @@ class PagedDriver:
         self.block_tables = [[free.pop() for _ in range(n)] for n in needed]
         num_blocks = 2 * sum(needed) + 2
         shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device = weight.device
         # NaN everywhere: any read of a slot that was never written poisons the result.
         self.kv_caches = [
-            (torch.full(shape, float("nan"), dtype=dtype), torch.full(shape, float("nan"), dtype=dtype))
+            tuple(torch.full(shape, float("nan"), dtype=weight.dtype, device=self.device) for _ in "kv")
             for _ in range(model.num_layers)
         ]
         self.cache_lens = [0] * len(self.sequences)
@@ -93,8 +94,10 @@ class PagedDriver:
             [self.cache_lens[seq] for seq, _ in step],
             [n for _, n in step],
             self.block_size,
+            self.device,
         )
-        hidden = self.model(torch.cat(ids), torch.cat(positions), self.kv_caches, attn)
+        inputs = torch.cat(ids).to(self.device), torch.cat(positions).to(self.device)
+        hidden = self.model(*inputs, self.kv_caches, attn)
         logits = self.model.compute_logits(hidden)
         for (seq, n), rows in zip(step, logits.split([n for _, n in step])):
             self.cache_lens[seq] += n
@@ -105,7 +108,7 @@ class PagedDriver:
         """Runs every step; returns, per sequence, the logits of every token computed."""
         for step in steps:
             self.step(step)
-        return [torch.cat(rows) if rows else torch.empty(0) for rows in self.logits]
+        return [torch.cat(rows).cpu() if rows else torch.empty(0) for rows in self.logits]
 
 
 def split_schedule(len_a: int, len_b: int) -> list[list[tuple[int, int]]]:
