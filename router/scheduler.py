@@ -241,13 +241,8 @@ class Scheduler:
             return None
         if seq.status is SeqStatus.WAITING:
             self._waiting.remove(seq)
-            return seq
-        if seq.status is SeqStatus.RUNNING:
-            self._running.remove(seq)
-            self._batch_changed = True
         else:
-            self._prefilling.remove(seq)
-        self._release(seq)
+            self._release(seq)
         return seq
 
     def remove_all(self) -> list[Sequence]:
@@ -299,7 +294,8 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
         done = [self._by_id.pop(request_id) for request_id in finished]
         for seq in done:
-            self._release(seq)
+            # Already out of both lists: the shards dropped it from their batch.
+            self._blocks.free(seq.request_id)
         return done
 
     @staticmethod
@@ -368,15 +364,9 @@ class Scheduler:
                 f"{self._capacity_blocks} blocks of {self._block_size} tokens")
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
-        if seq.status is SeqStatus.RUNNING:
-            self._running.remove(seq)
-            self._batch_changed = True
-        else:
-            self._prefilling.remove(seq)
         self._release(seq)
         plan.extensions.pop(seq.request_id, None)
-        seq.status = SeqStatus.WAITING
-        self._waiting.appendleft(seq)
+        self._requeue(seq)
         plan.preempted.append(seq)
 
     def _continue_prefills(self, plan: StepPlan) -> None:
@@ -461,9 +451,11 @@ class Scheduler:
         return PrefillChunk(seq, seq.num_computed, length)
 
     def _unstart(self, seq: Sequence, plan: StepPlan) -> None:
-        self._prefilling.remove(seq)
         self._release(seq)
         plan.chunks = [chunk for chunk in plan.chunks if chunk.seq is not seq]
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self._waiting.appendleft(seq)
 
@@ -490,6 +482,13 @@ class Scheduler:
             self._blocks.commit(seq.request_id, seq.token_ids, num_computed)
 
     def _release(self, seq: Sequence) -> None:
+        """Take a prefilling or running request out of its list and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+            # The shards still decode it: the engine filters their batch before the next step.
+            self._batch_changed = True
+        else:
+            self._prefilling.remove(seq)
         self._blocks.free(seq.request_id)
         seq.blocks = []
         seq.num_computed = 0
