@@ -45,7 +45,8 @@ class SchedulerConfig:
     waiting_served_ratio, max_waiting_tokens: as in TGI, while a batch runs, new requests
         join only when at least floor(running * waiting_served_ratio) of them can start at
         once, or when none has joined for max_waiting_tokens steps.
-    enable_prefix_caching: reuse the KV of prompt prefixes already computed.
+    enable_prefix_caching: reuse the KV of prompt prefixes already computed (the block
+        manager does it; this is where the router's entry point reads the setting from).
     """
 
     max_concurrent_requests: int = 128
