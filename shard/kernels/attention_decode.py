@@ -146,7 +146,7 @@ def _decode_partition_kernel(
         offsets = kv_tile_offsets(table_row, positions, valid, kv_head, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE)
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale_log2, True, DOT_PRECISION)
 
     if SPLIT:
         # Partials are laid out [B, Hq, P(, D)]; empty partitions store (NEG_BIG, 0, 0).

@@ -10,7 +10,9 @@ Algorithm (flash-attention 2 over the block table)
   rows can see, [lo, hi) with hi = last row's position + 1 and lo = 0 or, with a sliding
   window, first row's position - window + 1, in BLOCK_N tiles gathered through the block
   table (paged_tiles), masking per row: key <= position (causal) and key > position -
-  window. Online softmax in fp32, one normalisation at the end, output in q's dtype.
+  window. Whole tiles that every row sees (before the first row's position, inside the
+  last row's window) run without masks; only the diagonal and window edges pay for them.
+  Online softmax in fp32, one normalisation at the end, output in q's dtype.
   The grid's second axis covers max_seqlen_q; programs past a sequence's q_len exit.
 
 Memory floor (bytes, e = element size):
@@ -60,6 +62,50 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     if row_bytes <= 256:
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
     return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _attend_keys(
+    q,
+    positions,
+    start,
+    end,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    kv_head,
+    m_i,
+    l_i,
+    acc,
+    scale_log2,
+    sliding_window,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Folds keys [start, end) into the rows' softmax state; MASKED=False trusts every
+    key to be visible to every row and (end - start) to be a multiple of BLOCK_N."""
+    for tile_start in range(start, end, BLOCK_N):
+        keys = tile_start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            key_ok = keys < end
+            offsets = kv_tile_offsets(table_row, keys, key_ok, kv_head, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE)
+            k = tl.load(k_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
+            visible = key_ok[None, :] & (keys[None, :] <= positions[:, None])
+            if USE_WINDOW:
+                visible = visible & (keys[None, :] > positions[:, None] - sliding_window)
+            m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, True, DOT_PRECISION)
+        else:
+            offsets = kv_tile_offsets(table_row, keys, None, kv_head, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE)
+            k = tl.load(k_cache_ptr + offsets)
+            v = tl.load(v_cache_ptr + offsets)
+            m_i, l_i, acc = online_softmax_step(q, k, v, None, m_i, l_i, acc, scale_log2, False, DOT_PRECISION)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -114,26 +160,36 @@ def _prefill_kernel(
         other=0.0,
     )
 
+    # Keys [lo, hi) are visible to some row. Inside them, [bulk_lo, bulk_hi) holds whole
+    # tiles visible to every row (at or before the first row's position, inside the last
+    # row's window): those skip the masks. The edges around them are masked.
     last = context + tl.minimum(first + BLOCK_Q, q_len) - 1
-    hi = tl.minimum(last + 1, seq_len)
+    hi = last + 1
     lo = 0
+    bulk_lo = 0
     if USE_WINDOW:
         lo = tl.maximum(context + first - sliding_window + 1, 0)
+        bulk_lo = tl.maximum(last - sliding_window + 1, lo)
+    bulk_tiles = tl.maximum(context + first + 1 - bulk_lo, 0) // BLOCK_N
+    bulk_hi = bulk_lo + bulk_tiles * BLOCK_N
 
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for tile_start in range(lo, hi, BLOCK_N):
-        keys = tile_start + tl.arange(0, BLOCK_N)
-        key_ok = keys < hi
-        offsets = kv_tile_offsets(table_row, keys, key_ok, kv_head, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE)
-        k = tl.load(k_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=key_ok[:, None], other=0.0)
-        visible = key_ok[None, :] & (keys[None, :] <= positions[:, None])
-        if USE_WINDOW:
-            visible = visible & (keys[None, :] > positions[:, None] - sliding_window)
-        m_i, l_i, acc = online_softmax_step(q, k, v, visible, m_i, l_i, acc, scale_log2, DOT_PRECISION)
+    if USE_WINDOW:
+        m_i, l_i, acc = _attend_keys(
+            q, positions, lo, bulk_lo, k_cache_ptr, v_cache_ptr, table_row, kv_head, m_i, l_i, acc,
+            scale_log2, sliding_window, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, USE_WINDOW, DOT_PRECISION,
+        )
+    m_i, l_i, acc = _attend_keys(
+        q, positions, bulk_lo, bulk_hi, k_cache_ptr, v_cache_ptr, table_row, kv_head, m_i, l_i, acc,
+        scale_log2, sliding_window, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, USE_WINDOW, DOT_PRECISION,
+    )
+    m_i, l_i, acc = _attend_keys(
+        q, positions, bulk_hi, hi, k_cache_ptr, v_cache_ptr, table_row, kv_head, m_i, l_i, acc,
+        scale_log2, sliding_window, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, USE_WINDOW, DOT_PRECISION,
+    )
 
     out = normalize(acc, l_i)
     tl.store(

@@ -35,21 +35,29 @@ def kv_tile_offsets(
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
 ):
-    """Element offsets [BLOCK_N, HEAD_DIM] (int64) of positions' rows of one KV head."""
-    page = tl.load(block_table_row + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    """Element offsets [BLOCK_N, HEAD_DIM] (int64) of positions' rows of one KV head.
+
+    valid masks the block-table reads (None: every position is in range); a masked
+    position gets an arbitrary offset, so loads through it must be masked too.
+    """
+    page = tl.load(block_table_row + positions // PAGE_SIZE, mask=valid).to(tl.int64)
     slot = page * PAGE_SIZE + positions % PAGE_SIZE
     dims = tl.arange(0, HEAD_DIM)
     return (slot * NUM_KV_HEADS + kv_head)[:, None] * HEAD_DIM + dims[None, :]
 
 
 @triton.jit
-def online_softmax_step(q, k, v, scores_mask, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+def online_softmax_step(
+    q, k, v, scores_mask, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
+):
     """Folds one K/V tile into the running (max, sum, weighted values) of each query row.
 
-    q [M, D], k/v [N, D], scores_mask [M, N] (True = attend); m_i, l_i [M]; acc [M, D] fp32.
+    q [M, D], k/v [N, D], scores_mask [M, N] (True = attend; ignored unless MASKED);
+    m_i, l_i [M]; acc [M, D] fp32.
     """
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    scores = tl.where(scores_mask, scores, float("-inf"))
+    if MASKED:
+        scores = tl.where(scores_mask, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(scores - m_new[:, None])
