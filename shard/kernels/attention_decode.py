@@ -65,10 +65,13 @@ class DecodeConfig:
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tiles sized so a K and a V tile per pipeline stage fit in shared memory with room."""
-    tile_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
-    block_n = 64 if tile_bytes <= 256 else 32
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3 if tile_bytes <= 256 else 2)
+    """A K and a V tile of ~8-16 KB each, three or two deep in the software pipeline."""
+    row_bytes = head_dim * dtype.itemsize
+    if row_bytes <= 256:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    if row_bytes <= 512:
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2)
+    return DecodeConfig(block_n=16, num_warps=4, num_stages=2)
 
 
 def choose_num_partitions(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:

@@ -55,13 +55,16 @@ class PrefillConfig:
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    """Hopper-sized tiles: 128x64 for D <= 128 at 2 bytes, halved where shared memory runs short."""
-    row_bytes = head_dim * torch.empty((), dtype=dtype).element_size()
+    """Hopper-sized tiles, shrunk as a K/V row grows so that q plus the pipelined K/V
+    tiles stay near 100 KB of shared memory (H100/H200 have 227 KB per block)."""
+    row_bytes = head_dim * dtype.itemsize
     if row_bytes <= 128:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     if row_bytes <= 256:
         return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if row_bytes <= 512:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
 
 
 @triton.jit
