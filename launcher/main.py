@@ -70,7 +70,8 @@ def _router_argv(config: LauncherConfig, model_path: Path, uds_path: str, num_sh
     argv = [sys.executable, "-m", "shardgen.router", "--model-id", str(model_path),
             "--served-model-name", served_model_id, "--uds-path", uds_path,
             "--num-shard", str(num_shard), "--hostname", config.hostname,
-            "--port", str(config.port), "--log-level", config.log_level, *config.router_args]
+            "--port", str(config.port), "--log-level", config.log_level,
+            "--drain-timeout", str(config.graceful_termination_timeout_s), *config.router_args]
     return argv + (["--json-output"] if config.json_output else [])
 
 

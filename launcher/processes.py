@@ -8,6 +8,7 @@ reported with what it said last.
 from __future__ import annotations
 
 import collections
+import ctypes
 import os
 import signal
 import subprocess
@@ -29,7 +30,8 @@ class Child:
         self._raw_logs = raw_logs
         self.process = subprocess.Popen(
             list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+            preexec_fn=_detach_from_terminal_signals)
         self._reader = threading.Thread(target=self._forward, name=f"logs-{name}", daemon=True)
         self._reader.start()
 
@@ -64,6 +66,23 @@ class Child:
         except subprocess.TimeoutExpired:
             return False
         return True
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _detach_from_terminal_signals() -> None:
+    """Runs in the child before exec.
+
+    A process group of its own keeps a terminal's Ctrl-C (sent to the whole foreground
+    group) away from the child, so that the launcher alone decides the order of shutdown:
+    router first, shards last. The parent-death signal stops the child if the launcher
+    itself is killed outright.
+    """
+    os.setpgrp()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def describe_exit(returncode: int) -> str:
