@@ -117,6 +117,23 @@ def test_filters_match_transformers(params: SamplingParams, reference: object) -
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
 
 
+@pytest.mark.parametrize("top_ks", [[7, 7, 7, 7, 7, 7], [3, 9, 1, 50, 5, 0], [3, 9, 1, 50, 5, 80]])
+def test_top_k_then_top_p_match_transformers_row_by_row(top_ks: list[int]) -> None:
+    # All rows with a top_k sort only max(top_k) scores; a row without one sorts them all.
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)) * 2
+    top_ps = [0.5, 0.9, 0.3, 0.8, 1.0, 0.7]
+    params = [_sampling(top_k=k, top_p=p) for k, p in zip(top_ks, top_ps)]
+    batch = SamplingBatch(params, 50, CPU)
+    ours = apply_warpers(logits, batch.flags, batch.temperature, batch.top_k, batch.top_p,
+                         batch.typical_p, batch.min_p)
+    for row, (k, p) in enumerate(zip(top_ks, top_ps)):
+        theirs = logits[row:row + 1].clone()
+        if k:
+            theirs = TopKLogitsWarper(k)(torch.zeros(1, 1, dtype=torch.long), theirs)
+        theirs = TopPLogitsWarper(p)(torch.zeros(1, 1, dtype=torch.long), theirs)
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(theirs[0])), row
+
+
 def test_rows_keep_their_own_filters() -> None:
     logits = _log(PROBS).repeat(3, 1)
     params = [_sampling(top_k=1), _sampling(), _sampling(top_p=0.6)]
