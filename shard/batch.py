@@ -13,8 +13,8 @@ in one copy, the block table in a second.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -271,10 +271,6 @@ class StepInputs:
     previous_tokens: torch.Tensor   # [S] each sampled row's last token
     prefill_spans: list[tuple[int, int] | None]
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
 
 class _Layout:
     """Host-side lists of a step, filled sequence by sequence."""
@@ -359,14 +355,14 @@ def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) 
     parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots), logit_rows,
              np.asarray(layout.sample_rows, dtype=np.int64), layout.draw_index,
              layout.previous_tokens, seq_lens, cu_seqlens]
-    packed = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device, non_blocking=True)
+    packed = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
     (input_ids, positions_t, slots, logit_rows_t, sample_rows, draw_index, previous_tokens,
      seq_lens_t, cu_seqlens_t) = packed.split([len(p) for p in parts])
     width = max(t.shape[1] for t in tables)
     table = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables])
     attn = AttentionMetadata(
         slot_mapping=slots,
-        block_tables=torch.from_numpy(table).to(device, non_blocking=True),
+        block_tables=torch.from_numpy(table).to(device),
         seq_lens=seq_lens_t.to(torch.int32),
         cu_seqlens_q=cu_seqlens_t.to(torch.int32),
         max_seqlen_q=int(query_lens.max()),

@@ -176,6 +176,8 @@ class ModelRunner:
         """Keep only `request_ids` of a cached batch, in that order."""
         batch = self._batch(request.batch_id)
         rows = {rid: r for r, rid in enumerate(batch.request_ids)}
+        if len(set(request.request_ids)) != len(request.request_ids):
+            raise ValueError(f"request ids repeat: {list(request.request_ids)}")
         unknown = [rid for rid in request.request_ids if rid not in rows]
         if unknown:
             raise ValueError(f"requests {unknown} are not in batch {request.batch_id} "
@@ -194,6 +196,9 @@ class ModelRunner:
 
     def _running(self, cached: Sequence[generate_pb2.CachedBatch]) -> list[DecodeBatch]:
         """The stored batches the router names, checked against its view of them."""
+        ids = [message.id for message in cached]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"cached batch ids repeat: {ids}")
         batches = []
         for message in cached:
             batch = self._batch(message.id)
@@ -222,7 +227,9 @@ class ModelRunner:
         cached = [request.cached_batch] if request.HasField("cached_batch") else []
         running = self._running(cached)
         new = [NewSequence.from_proto(r, limits) for r in request.batch.requests]
-        self._check_new_ids(new, running)
+        if not new and not running:
+            raise ValueError("Prefill needs at least one request or a cached batch")
+        self._check_new_ids(new)
         output = self._step(cache, limits, running, new, request.block_extensions,
                             request.batch.id)
         self._store(output.batch, replaced=[b.batch_id for b in running])
@@ -251,7 +258,7 @@ class ModelRunner:
         return self.cache, CacheLimits(self.spec.block_size, self.cache.num_blocks,
                                        self.facts.vocab_size, self.facts.max_positions)
 
-    def _check_new_ids(self, new: Sequence[NewSequence], running: Sequence[DecodeBatch]) -> None:
+    def _check_new_ids(self, new: Sequence[NewSequence]) -> None:
         """A request id is in at most one place: the new batch or one cached batch."""
         ids = [s.request_id for s in new]
         if len(set(ids)) != len(ids):
