@@ -133,12 +133,10 @@ class ModelRunner:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         temporary = PagedKVCache(self.spec, shape.blocks_needed(self.spec.block_size), self.device)
-        limits = CacheLimits(self.spec.block_size, temporary.num_blocks, self.facts.vocab_size,
-                             self.facts.max_positions)
         sequences = shape.sequences(self.spec.block_size, self.facts.vocab_size)
-        merged = DecodeBatch.from_new(0, sequences, limits.vocab_size, self.device)
+        sampled = DecodeBatch.from_new(0, sequences, self.facts.vocab_size, self.device)
         self._compute(temporary, build_step(None, sequences, self.spec.block_size, self.device,
-                                            sampled=merged), merged)
+                                            sampled=sampled), sampled)
         if not is_cuda:
             return self.spec.blocks_for_bytes(self.memory.kv_cache_bytes)
         num_blocks = cuda_num_blocks(self.spec, self.device, self.memory.cuda_memory_fraction,
@@ -271,46 +269,58 @@ class ModelRunner:
     def _step(self, cache: PagedKVCache, limits: CacheLimits, running: list[DecodeBatch],
               new: list[NewSequence], extensions: Sequence[generate_pb2.BlockTableExtension],
               batch_id: int) -> StepOutput:
+        """Check and lay out, compute, then commit one step."""
         extended = _extend(running, extensions, limits)
-        merged_running = DecodeBatch.concat(batch_id, extended) if extended else None
+        decoding = DecodeBatch.concat(batch_id, extended) if extended else None
         finishing = [s for s in new if s.finishes_prompt]
-        parts = ([merged_running] if merged_running is not None else []) + (
+        parts = ([decoding] if decoding is not None else []) + (
             [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
             if finishing else [])
-        merged = DecodeBatch.concat(batch_id, parts) if parts else None
-        inputs = build_step(merged_running, new, limits.block_size, self.device, sampled=merged)
+        sampled = DecodeBatch.concat(batch_id, parts) if parts else None
+        inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled)
         forward_started = time.perf_counter_ns()
-        logits, picked = self._compute(cache, inputs, merged)
+        logits, picked = self._compute(cache, inputs, sampled)
         next_ids = picked.next_ids.cpu().numpy() if picked is not None else np.empty(0, np.int64)
         forward_ns = time.perf_counter_ns() - forward_started
-        # Commit: nothing below can fail on the router's input.
+        batch, generations = self._commit(sampled, picked, next_ids, new, inputs, logits,
+                                          limits.max_positions)
+        return StepOutput(batch, generations, forward_ns)
+
+    def _commit(self, sampled: DecodeBatch | None, picked: SampleOutput | None,
+                next_ids: np.ndarray, new: Sequence[NewSequence], inputs: StepInputs,
+                logits: torch.Tensor | None, max_positions: int
+                ) -> tuple[DecodeBatch | None, list[generate_pb2.Generation]]:
+        """Advance the sampled rows, drop those that stopped, and (rank 0) say what happened.
+
+        Nothing here depends on what the router sent: a step that got this far succeeds.
+        """
         prompt = prompt_logprobs(new, inputs.prefill_spans, logits) if self.rank == 0 else {}
         generations: list[generate_pb2.Generation] = []
-        if merged is not None and picked is not None:
-            merged.advance(next_ids, picked.next_ids)
-            finished = finished_rows(merged, next_ids, self.eos_token_ids, limits.max_positions)
+        if sampled is not None and picked is not None:
+            sampled.advance(next_ids, picked.next_ids)
+            finished = finished_rows(sampled, next_ids, self.eos_token_ids, max_positions)
             if self.rank == 0:
-                generations = build_generations(merged, picked, next_ids, finished, prompt)
+                generations = build_generations(sampled, picked, next_ids, finished, prompt)
             if finished.any():
-                merged = merged.select(np.flatnonzero(finished == RUNNING).tolist())
+                sampled = sampled.select(np.flatnonzero(finished == RUNNING).tolist())
         if self.rank == 0:
             # A chunk that does not end its prompt samples nothing; it still gets an answer.
-            generations += [
-                generate_pb2.Generation(request_id=s.request_id, prefill_tokens=prompt.get(s.request_id))
-                for s in new if not s.finishes_prompt]
-        return StepOutput(merged, generations, forward_ns)
+            generations += [generate_pb2.Generation(request_id=s.request_id,
+                                                    prefill_tokens=prompt.get(s.request_id))
+                            for s in new if not s.finishes_prompt]
+        return sampled, generations
 
-    def _compute(self, cache: PagedKVCache, inputs: StepInputs, merged: DecodeBatch | None
+    def _compute(self, cache: PagedKVCache, inputs: StepInputs, sampled: DecodeBatch | None
                  ) -> tuple[torch.Tensor | None, SampleOutput | None]:
         """Forward, logits of the rows that need them, and the pick of the sampled rows."""
         hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
         if inputs.logit_rows.numel() == 0:
             return None, None
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logit_rows))
-        if merged is None:
+        if sampled is None:
             return logits, None
-        picked = sample(logits.index_select(0, inputs.sample_rows), merged.sampling,
-                        inputs.draw_index, inputs.previous_tokens, top_n=max(merged.top_n_tokens))
+        picked = sample(logits.index_select(0, inputs.sample_rows), sampled.sampling,
+                        inputs.draw_index, inputs.previous_tokens, top_n=max(sampled.top_n_tokens))
         return logits, picked
 
 
