@@ -34,6 +34,7 @@ import triton.testing
 from shardgen.shard.kernels import activation, attention, kv_cache, norm, rotary
 from shardgen.shard.kernels.attention_decode import DecodeConfig
 from shardgen.shard.kernels.attention_prefill import PrefillConfig
+from shardgen.shard.kernels.checks import interpreting
 from shardgen.shard.layers import activation as torch_activation
 from shardgen.shard.layers import attention as torch_attention
 from shardgen.shard.layers import norm as torch_norm
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown kernels {sorted(unknown)}; choose from {','.join(KERNELS)}")
     cuda = torch.cuda.is_available()
-    if not cuda and not (args.tiny and triton.knobs.runtime.interpret):
+    if not cuda and not (args.tiny and interpreting()):
         raise SystemExit("needs a CUDA GPU (or --tiny with TRITON_INTERPRET=1 for a CPU check run)")
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype)

@@ -304,6 +304,15 @@ def test_rejects_bad_arguments() -> None:
             paged_attention(**_bad(step, **changes))  # type: ignore[arg-type]
 
 
+def test_rejects_bad_launch_configs() -> None:
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 8"):
+        DecodeConfig(block_n=8)
+    with pytest.raises(ValueError, match="num_partitions must be None or in \\[1, 64\\], got 0"):
+        DecodeConfig(num_partitions=0)
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16, got 48"):
+        PrefillConfig(block_m=48)
+
+
 def test_rejects_unsupported_head_dim() -> None:
     step = make_step([4], [2], 2, 1, 48, 16, torch.float32)
     with pytest.raises(NotImplementedError, match="head_dim in \\[16, 256\\], got 48"):

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardgen.shard.kernels.checks import dot_precision, next_power_of_2, num_sms
+from shardgen.shard.kernels.checks import check_tile, dot_precision, next_power_of_2, num_sms, require
 from shardgen.shard.kernels.paged_tiles import (
     LOG2E,
     NEG_BIG,
@@ -62,6 +62,14 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_partitions: int | None = None
+
+    def __post_init__(self) -> None:
+        check_tile("block_n", self.block_n)
+        parts = self.num_partitions
+        require(
+            parts is None or 1 <= parts <= MAX_PARTITIONS,
+            f"num_partitions must be None or in [1, {MAX_PARTITIONS}], got {parts}",
+        )
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:

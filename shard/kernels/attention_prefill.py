@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from shardgen.shard.kernels.checks import dot_precision, next_power_of_2
+from shardgen.shard.kernels.checks import check_tile, dot_precision, next_power_of_2
 from shardgen.shard.kernels.paged_tiles import (
     LOG2E,
     NEG_BIG,
@@ -52,6 +52,10 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        check_tile("block_m", self.block_m)
+        check_tile("block_n", self.block_n)
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:

@@ -9,6 +9,7 @@ device synchronisation and stay legal inside CUDA-graph capture.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -73,8 +74,20 @@ def is_power_of_2(n: int) -> bool:
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
+
+    Read when called (Triton itself decides when a kernel module is imported, so the
+    variable must be set before that); triton.knobs exists from Triton 3.4 on.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_tile(name: str, value: int, minimum: int = 16) -> None:
+    """Tile sizes are powers of two of at least tl.dot's minimum of 16."""
+    require(is_power_of_2(value) and value >= minimum, f"{name} must be a power of two >= {minimum}, got {value}")
 
 
 # Stand-in for the SM count when there is no GPU (the interpreter): small, so that the
