@@ -340,13 +340,17 @@ def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
 
     Top-k keeps the scores at least the k-th; top-p keeps the smallest sorted prefix whose
     probability (after top-k) reaches top_p, and its threshold is the last score kept.
-    Ties with a threshold stay (HF's top-k rule; HF's top-p breaks such rare ties by sort
-    position). When every row has a top_k, only the top max(top_k) scores are sorted:
-    nothing past them can be kept, bar ties, so the result is the same at a fraction of
-    the cost of sorting the vocabulary.
+    Ties with a threshold stay (HF's top-k rule; HF's top-p breaks such ties by sort
+    position, which would make the kept set depend on the sort).
+
+    When every row has a top_k, only the top max(top_k) scores are sorted. Nothing past
+    them is kept but ties with a row's k-th score, which sort last among its kept tokens:
+    with the kept mass taken over the whole vocabulary, the cut falls where a full sort
+    puts it, so the result does not depend on max(top_k), i.e. on the batch.
     """
-    width = min(flags.top_k_window or scores.shape[-1], scores.shape[-1])
-    if width < scores.shape[-1]:
+    vocab_size = scores.shape[-1]
+    width = min(flags.top_k_window or vocab_size, vocab_size)
+    if width < vocab_size:
         sorted_scores = scores.topk(width, dim=-1).values
     else:
         sorted_scores = scores.sort(dim=-1, descending=True).values
@@ -354,9 +358,10 @@ def _top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     if flags.top_k:
         k = torch.where(top_k > 0, top_k, width).clamp(max=width)
         threshold = sorted_scores.gather(1, (k - 1)[:, None])
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
         sorted_scores = sorted_scores.masked_fill(sorted_scores < threshold, float("-inf"))
     if flags.top_p:
-        probs = sorted_scores.softmax(dim=-1)
+        probs = (sorted_scores - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
         mass_before = probs.cumsum(dim=-1) - probs
         kept = (mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None]  # a prefix of each row
         last = (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # the best token always stays

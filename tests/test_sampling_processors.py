@@ -134,6 +134,22 @@ def test_top_k_then_top_p_match_transformers_row_by_row(top_ks: list[int]) -> No
         assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(theirs[0])), row
 
 
+def test_ties_past_the_sorted_window_do_not_change_top_p() -> None:
+    # Row 0 keeps its top 2 plus every score tied with the 2nd (ten tokens of 1.0); its top-p
+    # cut must not depend on how many scores the batch sorts (max top_k: 2 alone, 12 here).
+    logits = torch.full((1, 40), -5.0)
+    logits[0, 0] = 3.0
+    logits[0, 1:11] = 1.0
+    params = _sampling(top_k=2, top_p=0.5)
+    alone = _kept(params, logits)
+    batch = SamplingBatch([params, _sampling(top_k=12)], 40, CPU)
+    together = apply_warpers(logits.repeat(2, 1), batch.flags, batch.temperature, batch.top_k,
+                             batch.top_p, batch.typical_p, batch.min_p)
+    assert alone == set(torch.isfinite(together[0]).nonzero().flatten().tolist())
+    # Mass of token 0 among the kept: e^3 / (e^3 + 10e) = 0.42 < 0.5, so the ties stay.
+    assert alone == set(range(11))
+
+
 def test_rows_keep_their_own_filters() -> None:
     logits = _log(PROBS).repeat(3, 1)
     params = [_sampling(top_k=1), _sampling(), _sampling(top_p=0.6)]
