@@ -231,7 +231,9 @@ def attention_case(
 
 
 def _decode_sweep() -> list[object]:
-    return [DecodeConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+    return [
+        DecodeConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+    ]
 
 
 def _prefill_sweep() -> list[object]:

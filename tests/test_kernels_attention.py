@@ -323,7 +323,9 @@ def test_rejects_unsupported_head_dim() -> None:
 
 
 @gpu_only
-@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (32, 32, 128), (16, 2, 64), (8, 1, 256)])
+@pytest.mark.parametrize(
+    ("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (32, 32, 128), (16, 2, 64), (8, 1, 256)]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_decode_real_sizes(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     step = make_step([4000, 17, 1023, 2500, 1], [1] * 5, num_q_heads, num_kv_heads, head_dim, 16, dtype)
@@ -332,7 +334,9 @@ def test_gpu_decode_real_sizes(num_q_heads: int, num_kv_heads: int, head_dim: in
 
 
 @gpu_only
-@pytest.mark.parametrize(("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (28, 4, 128), (16, 2, 64), (8, 1, 256)])
+@pytest.mark.parametrize(
+    ("num_q_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (28, 4, 128), (16, 2, 64), (8, 1, 256)]
+)
 def test_gpu_prefill_real_sizes(num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
     step = make_step([0, 1500, 64, 0], [700, 300, 1, 129], num_q_heads, num_kv_heads, head_dim, 16, torch.bfloat16)
     check(step, run(step, head_dim**-0.5), head_dim**-0.5)

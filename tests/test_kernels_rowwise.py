@@ -73,7 +73,10 @@ def assert_mostly_bit_equal(got: torch.Tensor, want: torch.Tensor, min_fraction:
 # ------------------------------------------------------------------------------ write_kv
 
 
-def _cache_pair(num_blocks: int, block_size: int, heads: int, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache_pair(
+    num_blocks: int, block_size: int, heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches filled with distinct values (k ascending, v negated), so any stray write shows."""
     k = torch.arange(num_blocks * block_size * heads * head_dim, dtype=torch.float32).reshape(
         num_blocks, block_size, heads, head_dim
     )
@@ -222,9 +225,11 @@ def test_rotary_on_fused_qkv_views_and_partial_rotary() -> None:
     k = qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
     angles = randn(tokens, half, seed=4)
     apply_rotary(q, k, angles.cos(), angles.sin())
-    torch.testing.assert_close(q, rotated(before[:, : hq * d].view(tokens, hq, d), angles.cos(), angles.sin()))
-    torch.testing.assert_close(k, rotated(before[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d), angles.cos(), angles.sin()))
-    assert torch.equal(q[..., 2 * half :], before[:, : hq * d].view(tokens, hq, d)[..., 2 * half :])
+    q_before = before[:, : hq * d].view(tokens, hq, d)
+    k_before = before[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
+    torch.testing.assert_close(q, rotated(q_before, angles.cos(), angles.sin()))
+    torch.testing.assert_close(k, rotated(k_before, angles.cos(), angles.sin()))
+    assert torch.equal(q[..., 2 * half :], q_before[..., 2 * half :])
     assert torch.equal(qkv[:, (hq + hkv) * d :], before[:, (hq + hkv) * d :])
 
 
@@ -268,7 +273,9 @@ def test_silu_and_mul_rejects_odd_width() -> None:
 @pytest.mark.parametrize("tokens", [1, 257, 4096])
 def test_gpu_rowwise_llama8b_sizes_bf16(tokens: int) -> None:
     dtype = torch.bfloat16
-    x, residual, weight = randn(tokens, 4096, dtype=dtype), randn(tokens, 4096, dtype=dtype, seed=1), randn(4096, dtype=dtype, seed=2)
+    x = randn(tokens, 4096, dtype=dtype)
+    residual = randn(tokens, 4096, dtype=dtype, seed=1)
+    weight = randn(4096, dtype=dtype, seed=2)
     assert_mostly_bit_equal(rms_norm(x, weight, 1e-5), hf_rms_norm(x, weight, 1e-5))
     normed, summed = fused_add_rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(summed, residual + x)

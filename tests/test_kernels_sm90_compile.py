@@ -27,7 +27,9 @@ import pytest
 
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KB)
 # PTX opcodes worth counting: scalar or vector global loads, async copies, tensor-core ops.
-OPCODES = re.compile(r"\b(ld\.global(?:\.nc)?(?:\.v\d)?\.[bfsu]\d+|cp\.async\.c[ag]\.shared\.global|wgmma\.mma_async|mma\.sync)")
+OPCODES = re.compile(
+    r"\b(ld\.global(?:\.nc)?(?:\.v\d)?\.[bfsu]\d+|cp\.async\.c[ag]\.shared\.global|wgmma\.mma_async|mma\.sync)"
+)
 
 
 def _capture_launches() -> list[dict[str, Any]]:
@@ -133,7 +135,8 @@ def _compile(launch: dict[str, Any]) -> dict[str, Any]:
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     counts = collections.Counter(OPCODES.findall(kernel.asm["ptx"]))
     return {"kernel": fn.__name__, "tag": launch["tag"], "shared": kernel.metadata.shared, "opcodes": dict(counts),
             "options": options}

@@ -46,7 +46,10 @@ def check_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
 
 def check_contiguous(name: str, tensor: torch.Tensor) -> None:
     """The kernel computes offsets from the shape alone."""
-    require(tensor.is_contiguous(), f"{name} must be contiguous, got strides {tensor.stride()} for shape {tuple(tensor.shape)}")
+    require(
+        tensor.is_contiguous(),
+        f"{name} must be contiguous, got strides {tensor.stride()} for shape {tuple(tensor.shape)}",
+    )
 
 
 def check_index_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
