@@ -20,6 +20,7 @@ Choices worth knowing:
   splitmix64 hash of (seed, n, t), n being the index of the generated token. It depends on
   nothing else: not the batch, its order, or the rank, so every tensor-parallel rank picks
   the same token without a collective and a request replays identically in any batch.
+  On CUDA one Triton pass per row does the draw (shard/sampling_kernel.py).
 - Watermark ("A Watermark for Large Language Models", Kirchenbauer et al.): adds
   `WATERMARK_DELTA` to a green list of about `WATERMARK_GAMMA` of the vocabulary, keyed
   by the previous token. The green list comes from the same counter hash
@@ -29,7 +30,8 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -293,9 +295,25 @@ def _draw(scores: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
 
     warped = apply_warpers(scores, batch.flags, pick(batch.temperature), pick(batch.top_k),
                            pick(batch.top_p), pick(batch.typical_p), pick(batch.min_p))
-    uniform = hash_uniform(draw_keys(pick(batch.seed), pick(draw_index)), scores.shape[-1])
-    gumbel = -torch.log(-torch.log(uniform))
-    return (warped + gumbel).argmax(dim=-1), warped
+    keys = draw_keys(pick(batch.seed), pick(draw_index))
+    kernel = _fused_draw() if warped.is_cuda else None
+    return (kernel or gumbel_argmax)(warped.contiguous(), keys), warped
+
+
+def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax(scores + Gumbel noise hashed from (key, token)) per row: the torch path."""
+    gumbel = -torch.log(-torch.log(hash_uniform(keys, scores.shape[-1])))
+    return (scores + gumbel).argmax(dim=-1)
+
+
+@functools.cache
+def _fused_draw() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The one-pass Triton draw (shard/sampling_kernel.py), or None without Triton."""
+    try:
+        from shardgen.shard.sampling_kernel import gumbel_argmax as fused
+    except ImportError:
+        return None
+    return fused
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch,
