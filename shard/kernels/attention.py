@@ -18,8 +18,8 @@ the flash-decoding kernel (attention_decode); anything else takes the varlen pre
 kernel (attention_prefill), which handles decodes mixed into a prefill batch as well.
 
 Preconditions the kernels cannot check without a device sync (so they do not):
-cu_seqlens_q[-1] == T, seq_lens[b] >= q_len_b, and every block id used lies in
-[0, num_blocks). Block table rows only need to be valid up to each sequence's length;
+cu_seqlens_q[-1] == T, max_seqlen_q >= every q_len_b, seq_lens[b] >= q_len_b, and every
+block id used lies in [0, num_blocks). Block table rows only need to be valid up to each sequence's length;
 their width bounds the split of decode into partitions, so keep it near the batch's
 longest sequence.
 """
