@@ -256,16 +256,14 @@ class DecodeBatch:
 class StepInputs:
     """The device tensors of one step and where its outputs go.
 
-    Logits are computed for hidden rows `logit_rows`; `sample_rows` index those logits
-    for the rows that pick a token, in the order of the step's DecodeBatch.
-    `prefill_spans[i]` is (first logit row, count) of new sequence i when it asked for
-    prompt log-probabilities, else None.
+    `sample_rows` are the rows of the step's hidden states whose logits pick a token, in
+    the order of the step's sampled DecodeBatch. `prefill_spans[i]` is (first hidden row,
+    count) of new sequence i when it asked for prompt log-probabilities, else None.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
-    logit_rows: torch.Tensor
     sample_rows: torch.Tensor
     draw_index: torch.Tensor        # [S] index n of each sampled row's draw
     previous_tokens: torch.Tensor   # [S] each sampled row's last token
@@ -281,8 +279,6 @@ class _Layout:
         self.slots: list[np.ndarray] = []
         self.query_lens: list[int] = []
         self.seq_lens: list[np.ndarray] = []   # per sequence: tokens in cache after the step
-        self.logit_rows: list[np.ndarray] = []
-        self.num_logit_rows = 0
         self.sample_rows: list[int] = []
         self.prefill_spans: list[tuple[int, int] | None] = []
         self.num_tokens = 0
@@ -297,31 +293,20 @@ class _Layout:
         self.slots.append(running.decode_slots(block_size))
         self.query_lens.extend([1] * n)
         self.seq_lens.append(running.seq_lens)
-        self.logit_rows.append(np.arange(self.num_tokens, self.num_tokens + n, dtype=np.int64))
-        self.sample_rows.extend(range(self.num_logit_rows, self.num_logit_rows + n))
-        self.num_logit_rows += n
+        self.sample_rows.extend(range(self.num_tokens, self.num_tokens + n))
         self.num_tokens += n
 
     def add_new(self, seq: NewSequence) -> None:
-        """A prompt chunk: logits of every token for prompt log-probabilities, else of the
-        last one when the chunk ends the prompt, else none."""
+        """A prompt chunk; its last token samples when the chunk ends the prompt."""
         n = seq.end - seq.start
         self.input_ids.append(np.asarray(seq.input_ids[seq.start:seq.end], dtype=np.int64))
         self.positions.append(np.arange(seq.start, seq.end, dtype=np.int64))
         self.slots.append(np.asarray(seq.slots, dtype=np.int64))
         self.query_lens.append(n)
         self.seq_lens.append(np.array([seq.end], dtype=np.int64))
-        if seq.prefill_logprobs:
-            rows = np.arange(self.num_tokens, self.num_tokens + n, dtype=np.int64)
-        elif seq.finishes_prompt:
-            rows = np.array([self.num_tokens + n - 1], dtype=np.int64)
-        else:
-            rows = np.empty(0, dtype=np.int64)
-        self.prefill_spans.append((self.num_logit_rows, n) if seq.prefill_logprobs else None)
+        self.prefill_spans.append((self.num_tokens, n) if seq.prefill_logprobs else None)
         if seq.finishes_prompt:
-            self.sample_rows.append(self.num_logit_rows + len(rows) - 1)
-        self.logit_rows.append(rows)
-        self.num_logit_rows += len(rows)
+            self.sample_rows.append(self.num_tokens + n - 1)
         self.num_tokens += n
 
 
@@ -351,13 +336,12 @@ def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) 
     positions = np.concatenate(layout.positions)
     seq_lens = np.concatenate(layout.seq_lens)
     cu_seqlens = np.concatenate([[0], np.cumsum(query_lens)])
-    logit_rows = np.concatenate(layout.logit_rows)
-    parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots), logit_rows,
+    parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots),
              np.asarray(layout.sample_rows, dtype=np.int64), layout.draw_index,
              layout.previous_tokens, seq_lens, cu_seqlens]
     packed = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
-    (input_ids, positions_t, slots, logit_rows_t, sample_rows, draw_index, previous_tokens,
-     seq_lens_t, cu_seqlens_t) = packed.split([len(p) for p in parts])
+    (input_ids, positions_t, slots, sample_rows, draw_index, previous_tokens, seq_lens_t,
+     cu_seqlens_t) = packed.split([len(p) for p in parts])
     width = max(t.shape[1] for t in tables)
     table = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables])
     attn = AttentionMetadata(
@@ -367,5 +351,5 @@ def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) 
         cu_seqlens_q=cu_seqlens_t.to(torch.int32),
         max_seqlen_q=int(query_lens.max()),
         max_seqlen_k=int(seq_lens.max()))
-    return StepInputs(input_ids, positions_t, attn, logit_rows_t, sample_rows, draw_index,
-                      previous_tokens, layout.prefill_spans)
+    return StepInputs(input_ids, positions_t, attn, sample_rows, draw_index, previous_tokens,
+                      layout.prefill_spans)

@@ -11,7 +11,7 @@ before a reused prefix (cache_len > 0) are not computed and not returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,8 @@ from shardgen.shard.sampling import SampleOutput
 RUNNING = generate_pb2.FINISH_REASON_UNSPECIFIED
 LENGTH = generate_pb2.FINISH_REASON_LENGTH
 EOS_TOKEN = generate_pb2.FINISH_REASON_EOS_TOKEN
+# Prompt rows whose logits are computed at once for prompt log-probabilities.
+_LOGPROB_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,14 @@ def _finite(ids: list[int], logprobs: list[float]) -> generate_pb2.Tokens:
 
 
 def prompt_logprobs(new: Sequence[NewSequence], spans: Sequence[tuple[int, int] | None],
-                    logits: torch.Tensor | None) -> dict[int, generate_pb2.Tokens]:
-    """The prompt tokens' log-probabilities of every new sequence that asked for them."""
+                    hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> dict[int, generate_pb2.Tokens]:
+    """The prompt tokens' log-probabilities of every new sequence that asked for them.
+
+    Logits are computed `_LOGPROB_ROWS` hidden rows at a time, so that a long prompt never
+    holds a [prompt length, vocabulary] tensor. Every rank must call this (the logits of
+    a tensor-parallel model take a collective), in the same step.
+    """
     rows: list[int] = []
     targets: list[int] = []
     asked: list[tuple[NewSequence, list[int]]] = []
@@ -92,9 +100,7 @@ def prompt_logprobs(new: Sequence[NewSequence], spans: Sequence[tuple[int, int] 
         rows.extend(range(span[0], span[0] + len(ids)))
         targets.extend(ids)
         asked.append((seq, ids))
-    if not asked or logits is None:
-        return {}
-    values = _token_logprobs(logits, rows, targets) if rows else []
+    values = _token_logprobs(hidden, rows, targets, compute_logits) if rows else []
     result = {}
     offset = 0
     for seq, ids in asked:
@@ -106,9 +112,15 @@ def prompt_logprobs(new: Sequence[NewSequence], spans: Sequence[tuple[int, int] 
     return result
 
 
-def _token_logprobs(logits: torch.Tensor, rows: list[int], targets: list[int]) -> list[float]:
-    """log_softmax(logits[row])[target] for each pair, without a second [N, V] tensor."""
-    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    target = torch.tensor(targets, dtype=torch.int64, device=logits.device)
-    values = logits[index, target] - torch.logsumexp(logits, dim=-1)[index]
-    return values.cpu().tolist()
+def _token_logprobs(hidden: torch.Tensor, rows: list[int], targets: list[int],
+                    compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+    """log_softmax(logits of hidden[row])[target] for each pair."""
+    index = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+    target = torch.tensor(targets, dtype=torch.int64, device=hidden.device)
+    values = []
+    for start in range(0, len(rows), _LOGPROB_ROWS):
+        chunk = slice(start, start + _LOGPROB_ROWS)
+        logits = compute_logits(hidden.index_select(0, index[chunk]))
+        picked = logits.gather(1, target[chunk, None])[:, 0]
+        values.append(picked - torch.logsumexp(logits, dim=-1))
+    return torch.cat(values).cpu().tolist()

@@ -279,22 +279,22 @@ class ModelRunner:
         sampled = DecodeBatch.concat(batch_id, parts) if parts else None
         inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled)
         forward_started = time.perf_counter_ns()
-        logits, picked = self._compute(cache, inputs, sampled)
+        hidden, picked = self._compute(cache, inputs, sampled)
         next_ids = picked.next_ids.cpu().numpy() if picked is not None else np.empty(0, np.int64)
+        prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
         forward_ns = time.perf_counter_ns() - forward_started
-        batch, generations = self._commit(sampled, picked, next_ids, new, inputs, logits,
+        batch, generations = self._commit(sampled, picked, next_ids, new, prompt,
                                           limits.max_positions)
         return StepOutput(batch, generations, forward_ns)
 
     def _commit(self, sampled: DecodeBatch | None, picked: SampleOutput | None,
-                next_ids: np.ndarray, new: Sequence[NewSequence], inputs: StepInputs,
-                logits: torch.Tensor | None, max_positions: int
+                next_ids: np.ndarray, new: Sequence[NewSequence],
+                prompt: dict[int, generate_pb2.Tokens], max_positions: int
                 ) -> tuple[DecodeBatch | None, list[generate_pb2.Generation]]:
         """Advance the sampled rows, drop those that stopped, and (rank 0) say what happened.
 
         Nothing here depends on what the router sent: a step that got this far succeeds.
         """
-        prompt = prompt_logprobs(new, inputs.prefill_spans, logits) if self.rank == 0 else {}
         generations: list[generate_pb2.Generation] = []
         if sampled is not None and picked is not None:
             sampled.advance(next_ids, picked.next_ids)
@@ -311,17 +311,15 @@ class ModelRunner:
         return sampled, generations
 
     def _compute(self, cache: PagedKVCache, inputs: StepInputs, sampled: DecodeBatch | None
-                 ) -> tuple[torch.Tensor | None, SampleOutput | None]:
-        """Forward, logits of the rows that need them, and the pick of the sampled rows."""
+                 ) -> tuple[torch.Tensor, SampleOutput | None]:
+        """The forward pass, and the pick of the rows that sample."""
         hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
-        if inputs.logit_rows.numel() == 0:
-            return None, None
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logit_rows))
         if sampled is None:
-            return logits, None
-        picked = sample(logits.index_select(0, inputs.sample_rows), sampled.sampling,
-                        inputs.draw_index, inputs.previous_tokens, top_n=max(sampled.top_n_tokens))
-        return logits, picked
+            return hidden, None
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+        picked = sample(logits, sampled.sampling, inputs.draw_index, inputs.previous_tokens,
+                        top_n=max(sampled.top_n_tokens))
+        return hidden, picked
 
 
 def _extend(running: list[DecodeBatch], extensions: Sequence[generate_pb2.BlockTableExtension],

@@ -19,9 +19,10 @@ from shardgen.shard.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Every processor on, so that the sampler's peak memory is part of the measurement.
+# Every processor on (and no top_k: the full-vocabulary sort is the costlier path), so that
+# the sampler's peak memory is part of the measurement.
 _WARMUP_SAMPLING = SamplingParams(
-    temperature=0.7, top_k=50, top_p=0.9, typical_p=0.95, min_p=0.01, repetition_penalty=1.1,
+    temperature=0.7, top_k=0, top_p=0.9, typical_p=0.95, min_p=0.01, repetition_penalty=1.1,
     frequency_penalty=0.1, presence_penalty=0.1, do_sample=True, seed=0, watermark=True)
 _WARMUP_TOP_N = 5
 
@@ -53,14 +54,15 @@ class WarmupShape:
         return cls([first] + [rest + (1 if i < extra else 0) for i in range(count - 1)])
 
     def sequences(self, block_size: int, vocab_size: int) -> list[NewSequence]:
-        """The warm-up requests; they all share blocks 1..n (their content is garbage)."""
+        """The warm-up requests; they all share blocks 1..n (their content is garbage).
+        The first asks for prompt log-probabilities, whose logits are part of the peak."""
         blocks = list(range(1, self.blocks_needed(block_size)))
         return [
             NewSequence(
                 request_id=i, input_ids=[(i + p) % vocab_size for p in range(length)],
                 blocks=blocks, slots=[block_size + p for p in range(length)], start=0, end=length,
                 sampling=_WARMUP_SAMPLING, stopping=StoppingParams(1, False, frozenset()),
-                prefill_logprobs=False, top_n_tokens=_WARMUP_TOP_N, generated_offset=0)
+                prefill_logprobs=i == 0, top_n_tokens=_WARMUP_TOP_N, generated_offset=0)
             for i, length in enumerate(self.lengths)]
 
     def blocks_needed(self, block_size: int) -> int:

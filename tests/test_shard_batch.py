@@ -49,10 +49,9 @@ def test_a_mixed_step_lays_out_decodes_then_prompt_chunks() -> None:
     assert (step.attn.max_seqlen_q, step.attn.max_seqlen_k) == (4, 8)
     assert step.attn.block_tables.tolist() == [[3, 4, 0], [6, 9, 0], [7, 8, 5], [2, 0, 0]]
     assert step.attn.block_tables.dtype == torch.int32 and step.attn.seq_lens.dtype == torch.int32
-    # Logits: both decodes, nothing of the unfinished chunk, every token of the last prompt.
-    assert step.logit_rows.tolist() == [0, 1, 6, 7, 8]
-    assert step.sample_rows.tolist() == [0, 1, 4]
-    assert step.prefill_spans == [None, (2, 3)]
+    # Both decodes and the last prompt's last token sample; the unfinished chunk does not.
+    assert step.sample_rows.tolist() == [0, 1, 8]
+    assert step.prefill_spans == [None, (6, 3)]
     assert step.draw_index.tolist() == [1, 1, 2]
     assert step.previous_tokens.tolist() == [20, 21, 3]
 

@@ -14,6 +14,7 @@ import pytest
 
 from shard_rpc import BLOCK_SIZE, InProcessShard, MiniRouter, Reference, greedy, running_shard
 from shardgen.proto import generate_pb2
+from shardgen.shard import outputs
 
 NUM_BLOCKS = 64
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park. They saw a big dog", "The cat"]
@@ -116,6 +117,23 @@ def test_prompt_logprobs_and_alternatives_match_transformers(router: MiniRouter,
     assert len(top.ids) == 3 and top.ids[0] == generations[0].tokens.ids[0]
     assert top.logprobs[0] == pytest.approx(generations[0].tokens.logprobs[0])
     assert list(top.logprobs) == sorted(top.logprobs, reverse=True)
+
+
+def test_prompt_logprobs_of_chunks_cover_every_position_once(
+        router: MiniRouter, reference: Reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outputs, "_LOGPROB_ROWS", 4)  # several logits passes per chunk
+    prompt = reference.encode(" ".join(PROMPTS))
+    ids: list[int] = []
+    logprobs: list[float] = []
+    for start in range(0, len(prompt), 10):
+        chunk_len = 0 if start + 10 >= len(prompt) else 10
+        generations = router.prefill(start + 1, [router.request(
+            8, prompt, max_new_tokens=1, cache_len=start, chunk_len=chunk_len,
+            prefill_logprobs=True)])
+        ids += generations[0].prefill_tokens.ids
+        logprobs += generations[0].prefill_tokens.logprobs
+    assert ids == prompt
+    assert logprobs[1:] == pytest.approx(reference.prompt_logprobs(prompt), abs=1e-4)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(router: MiniRouter,
