@@ -15,6 +15,7 @@ from shard_rpc import MiniRouter, Reference, shard_processes, shard_stub, wait_h
 from shardgen.proto import generate_pb2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_ranks_run_the_same_steps_and_rank_0_answers() -> None:
     reference = Reference()
