@@ -1,8 +1,9 @@
 """The one place where a shard's exceptions become gRPC statuses.
 
-Servicer methods raise; `ExceptionToStatusInterceptor` logs each failure once (with its
-traceback) and ends the RPC with a status whose details are the exception's message, so
-the router sees exactly what went wrong and the server keeps serving.
+Servicer methods raise; `ExceptionToStatusInterceptor` logs each failure once (a warning
+for a request the shard refuses, the traceback for a fault of its own) and ends the RPC
+with a status whose details are the exception's message, so the router sees exactly what
+went wrong and the server keeps serving.
 
 Status codes: the shard's own errors below carry theirs; ValueError (a request the
 router should not have sent) is INVALID_ARGUMENT; running out of memory is
@@ -57,6 +58,9 @@ def status_code_of(error: BaseException) -> grpc.StatusCode:
 
 
 UnaryHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+# Statuses that report a request the shard cannot serve, rather than a fault of the shard.
+_CALLER_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                            grpc.StatusCode.FAILED_PRECONDITION})
 
 
 class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
@@ -84,6 +88,9 @@ def _guarded(method: str, call: UnaryHandler) -> UnaryHandler:
             raise  # the servicer set its own status
         except Exception as error:  # every failure of an RPC ends here, by design
             code = status_code_of(error)
-            logger.exception("%s failed (%s): %s", method, code.name, error)
+            if code in _CALLER_ERRORS:  # the message says it all; no traceback needed
+                logger.warning("%s refused (%s): %s", method, code.name, error)
+            else:
+                logger.exception("%s failed (%s): %s", method, code.name, error)
             await context.abort(code, f"{type(error).__name__}: {error}")
     return guarded

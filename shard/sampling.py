@@ -173,7 +173,9 @@ class SamplingBatch:
         self.flags = _Flags.of(self.params)
         self.seen = seen if self.flags.repetition else None
         self.counts = counts if self.flags.counts else None
-        self.sample_rows = [i for i, p in enumerate(self.params) if p.samples]
+        # Rows that draw, as an index, when greedy rows ride along (else every row draws).
+        self.sample_index = None if self.flags.all_sample else torch.tensor(
+            [i for i, p in enumerate(self.params) if p.samples], dtype=torch.int64, device=device)
         floats = torch.tensor(
             [[p.temperature, p.top_p, p.typical_p, p.min_p, p.repetition_penalty,
               p.frequency_penalty, p.presence_penalty] for p in self.params],
@@ -268,8 +270,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
     """
     scores = apply_penalties(logits, batch, previous_tokens)
     if batch.flags.any_sample:
-        rows = None if batch.flags.all_sample else torch.tensor(batch.sample_rows,
-                                                                device=logits.device)
+        rows = batch.sample_index
         drawn, warped = _draw(scores if rows is None else scores[rows], batch, draw_index, rows)
         if rows is None:
             scores, next_ids = warped, drawn
