@@ -72,6 +72,8 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Health(self, request: generate_pb2.HealthRequest,
                      context: grpc.aio.ServicerContext) -> generate_pb2.HealthResponse:
+        """Shallow: answers at once, even during a step. Deep: a forward pass queued behind
+        the steps; with several ranks it takes a collective, so send it to every rank."""
         if request.deep:
             await self._serial(self._runner.health, True)
         return generate_pb2.HealthResponse()
