@@ -31,6 +31,8 @@ from shardgen.router.tokenization import Tokenizer
 
 logger = logging.getLogger("shardgen.router")
 
+_HTTP_SHUTDOWN_TIMEOUT_S = 5.0
+
 
 def model_info(config: RouterConfig, info: generate_pb2.InfoResponse, block_size: int,
                ) -> ModelInfo:
@@ -143,7 +145,9 @@ async def serve(config: RouterConfig) -> int:
     app = create_app(resolved, tokenizer, engine, info, metrics=metrics)
     # handler_cancellation: a client that goes away cancels its handler, which cancels
     # its engine request, instead of generating for nobody.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Once the engine has drained, handlers only write their last bytes: a short grace.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=_HTTP_SHUTDOWN_TIMEOUT_S)
     drain_timeout_s = 0.0  # on a failure below, fail whatever the engine holds at once
     try:
         await engine.start()
@@ -155,12 +159,23 @@ async def serve(config: RouterConfig) -> int:
         stop_accepting(app)
         drain_timeout_s = config.drain_timeout_s
     finally:
-        await engine.stop(drain_timeout_s)
-        await runner.cleanup()
-        await client.close()
-        tokenizer.close()
+        await _shut_down(engine, runner, client, tokenizer, drain_timeout_s)
     logger.info("stopped")
     return 0
+
+
+async def _shut_down(engine: Any, runner: web.AppRunner, client: Any, tokenizer: Tokenizer,
+                     drain_timeout_s: float) -> None:
+    """Drain the engine, then close HTTP, the shard channels and the tokenizer thread;
+    each step runs even when an earlier one failed."""
+    try:
+        await engine.stop(drain_timeout_s)
+    finally:
+        try:
+            await runner.cleanup()
+        finally:
+            await client.close()
+            tokenizer.close()
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:
