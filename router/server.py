@@ -77,6 +77,10 @@ class NotReadyError(Exception):
     """The router does not admit requests now (shutting down): HTTP 503."""
 
 
+class UnauthorizedError(Exception):
+    """The request lacks the API key that --api-key requires: HTTP 401."""
+
+
 @dataclass
 class ServerState:
     """Everything the handlers share; `accepting` turns false when draining starts."""
@@ -119,9 +123,10 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, engine: Engine,
                info: ModelInfo, *, metrics: Metrics | None = None) -> web.Application:
     """The aiohttp application serving the TGI-style API over `engine`.
 
-    config must have its limits resolved (`config.resolve_limits`). With metrics, the app
-    records per-request figures there and serves them on GET /metrics. Other route
-    modules may add their routes to the returned app and read `app[STATE]`.
+    config must have its limits resolved (`shardgen.router.config.resolve_limits`).
+    With metrics, the app records per-request figures there and serves them on
+    GET /metrics. Other route modules may add their routes to the returned app and read
+    `app[STATE]`.
     """
     if config.max_input_tokens is None or config.max_total_tokens is None:
         raise ValueError("create_app needs a config whose token limits are resolved")
@@ -161,6 +166,8 @@ def error_response(status: int, message: str, error_type: str) -> web.Response:
 def _classify(request: web.Request, error: Exception) -> tuple[int, str, str] | None:
     """(status, message, error_type) answering an exception; None for a redirect."""
     state = request.app[STATE]
+    if isinstance(error, UnauthorizedError):
+        return 401, str(error), "authentication"
     if isinstance(error, BodyShapeError):
         return 400, str(error), "validation"
     if isinstance(error, ValidationError):
@@ -202,16 +209,21 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
             count_outcome(request.app[STATE].metrics, outcome)
 
 
-def _auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def _auth_middleware(api_key: str) -> Middleware:
+    """Refuse (401) requests without `Authorization: Bearer <api_key>`, probes aside."""
     expected = f"Bearer {api_key}".encode()
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN_ROUTES:
             given = request.headers.get("Authorization", "").encode()
+            # Constant-time comparison: the answer time must not leak the key.
             if not hmac.compare_digest(given, expected):
-                return error_response(401, "missing or wrong API key: send "
-                                      "`Authorization: Bearer <key>`", "authentication")
+                raise UnauthorizedError("missing or wrong API key: send "
+                                        "`Authorization: Bearer <key>`")
         return await handler(request)
 
     return check_api_key

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from shardgen.router.requests import GenerationRequest, SamplingParams, StoppingParams
 
@@ -165,19 +166,22 @@ def _check_between(name: str, value: float, low: float, high: float) -> None:
         raise ValidationError(f"`{name}` must be between {low} and {high}, got {value}")
 
 
+# The range each numeric sampling parameter must lie in (TGI's, where TGI has one).
+_SAMPLING_RANGES: dict[str, Callable[[str, float], None]] = {
+    "temperature": _check_positive,
+    "top_k": _check_positive,
+    "top_p": _check_open_unit,
+    "typical_p": _check_open_unit,
+    "repetition_penalty": _check_positive,
+    "min_p": partial(_check_between, low=0.0, high=1.0),
+    "frequency_penalty": partial(_check_between, low=-_PENALTY_BOUND, high=_PENALTY_BOUND),
+    "presence_penalty": partial(_check_between, low=-_PENALTY_BOUND, high=_PENALTY_BOUND),
+    "seed": partial(_check_between, low=0, high=_MAX_SEED),
+}
+
+
 def _check_sampling_ranges(values: Mapping[str, object]) -> None:
-    checks: dict[str, Callable[[str, float], None]] = {
-        "temperature": _check_positive,
-        "top_k": _check_positive,
-        "top_p": _check_open_unit,
-        "typical_p": _check_open_unit,
-        "repetition_penalty": _check_positive,
-        "min_p": lambda name, v: _check_between(name, v, 0.0, 1.0),
-        "frequency_penalty": lambda name, v: _check_between(name, v, -_PENALTY_BOUND, _PENALTY_BOUND),
-        "presence_penalty": lambda name, v: _check_between(name, v, -_PENALTY_BOUND, _PENALTY_BOUND),
-        "seed": lambda name, v: _check_between(name, v, 0, _MAX_SEED),
-    }
-    for name, check in checks.items():
+    for name, check in _SAMPLING_RANGES.items():
         if name in values:
             check(name, values[name])  # type: ignore[arg-type]
 

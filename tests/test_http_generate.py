@@ -245,3 +245,22 @@ def test_info_reports_the_model_and_the_limits(tokenizer: Tokenizer) -> None:
                 "max_batch_prefill_tokens", "waiting_served_ratio", "max_waiting_tokens",
                 "version"):
         assert key in info
+
+
+def test_a_client_that_goes_away_cancels_the_request(tokenizer: Tokenizer) -> None:
+    ids = continuation_ids(tokenizer) * 20
+    engine = ScriptedEngine(lambda request: token_events(ids), delay_s=0.02)
+
+    async def body(client: TestClient) -> None:
+        request = asyncio.ensure_future(client.post("/generate", json={"inputs": PROMPT}))
+        while not engine.handles or engine.handles[0].yielded < 2:
+            await asyncio.sleep(0.01)
+        request.cancel()  # the client closes its connection mid-generation
+        for _ in range(200):
+            if engine.handles[0].cancelled:
+                return
+            await asyncio.sleep(0.01)
+
+    serve(tokenizer, engine, body)
+    assert engine.handles[0].cancelled
+    assert engine.handles[0].yielded < len(ids)

@@ -31,7 +31,8 @@ def split_randomly(text: str, rng: random.Random) -> list[str]:
 
 
 def test_a_match_across_pieces() -> None:
-    assert feed_all(["New York"], ["I love N", "ew", " Yo", "rk city"]) == (len("I love New York"), 3)
+    pieces = ["I love N", "ew", " Yo", "rk city"]
+    assert feed_all(["New York"], pieces) == (len("I love New York"), 3)
 
 
 def test_the_earliest_ending_match_wins_within_a_piece() -> None:

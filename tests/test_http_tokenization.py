@@ -1,0 +1,65 @@
+"""The router's tokenizer wrapper: the ids transformers gives, special tokens, threads."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from shardgen.router.tokenization import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def load(name: str, **kwargs: int) -> Tokenizer:
+    path = SHARED / "tokenizers" / name
+    if not path.is_dir():
+        pytest.skip(f"fixture tokenizer missing: {path}")
+    from transformers import AutoTokenizer
+    return Tokenizer(AutoTokenizer.from_pretrained(str(path)), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama3() -> Tokenizer:
+    return load("llama3", inline_encode_max_chars=100)
+
+
+def test_encode_adds_bos_like_transformers(llama3: Tokenizer) -> None:
+    for text in ["Hello", "Hello " * 200]:  # inline, and on the worker thread
+        expected = llama3.hf(text)["input_ids"]
+        assert expected[0] == llama3.hf.bos_token_id
+        assert llama3.encode_sync(text) == expected
+        assert asyncio.run(llama3.encode(text)) == expected
+
+
+def test_special_tokens_include_added_special_ones(llama3: Tokenizer) -> None:
+    hf = llama3.hf
+    assert llama3.is_special(hf.bos_token_id) and llama3.is_special(hf.eos_token_id)
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")  # an added special token, not a named one
+    assert llama3.is_special(eot)
+    assert not llama3.is_special(hf("Hello", add_special_tokens=False)["input_ids"][0])
+
+
+def test_long_encodes_leave_the_loop_free_and_agree_with_decodes(llama3: Tokenizer) -> None:
+    # Encodes on the worker thread while the loop thread decodes, as under load.
+    texts = [f"Story number {i}: " + "the cat sat on the mat. " * 300 for i in range(8)]
+
+    async def main() -> tuple[list[list[int]], int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                llama3.decode([791, 8415, 7731])
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.ensure_future(tick())
+        encoded = await asyncio.gather(*(llama3.encode(text) for text in texts))
+        ticker.cancel()
+        return list(encoded), ticks
+
+    encoded, ticks = asyncio.run(main())
+    assert encoded == [llama3.hf(text)["input_ids"] for text in texts]
+    assert ticks > len(texts)  # the loop kept running while the thread encoded
