@@ -128,3 +128,20 @@ def test_special_tokens_are_emitted_unless_skipped(name: str) -> None:
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
     skipped = "".join(detokenizer.push(token_id) for token_id in ids)
     assert skipped == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_the_decoded_window_stays_short() -> None:
+    # Each step decodes from the previous piece on, not the whole generation.
+    tokenizer = load("llama3")
+    lengths: list[int] = []
+
+    class Recording:
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tokenizer("word " * 300, add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(Recording())
+    text = "".join(detokenizer.push(token_id) for token_id in ids)
+    assert text == tokenizer.decode(ids)
+    assert max(lengths) <= 2

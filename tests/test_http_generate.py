@@ -133,6 +133,17 @@ def test_stop_sequence_cuts_after_it_and_cancels_the_request(tokenizer: Tokenize
     assert "little" not in tokenizer.hf.decode(ids[:streamed - 1])
 
 
+def test_a_stop_sequence_ending_inside_a_token_cuts_that_token(tokenizer: Tokenizer) -> None:
+    ids = continuation_ids(tokenizer)
+    engine = ScriptedEngine(lambda request: token_events(ids))
+    _, body = post(tokenizer, engine, {"inputs": PROMPT, "parameters": {
+        "stop": ["litt"], "details": True}})
+    full = tokenizer.hf.decode(ids)
+    assert body["generated_text"] == full[:full.index("litt") + len("litt")]
+    # The token keeps its whole text; only generated_text is cut.
+    assert body["details"]["tokens"][-1]["text"].endswith("little")
+
+
 def test_sampling_parameters_imply_sampling_and_report_a_seed(tokenizer: Tokenizer) -> None:
     engine = ScriptedEngine(lambda request: token_events([EOS], FinishReason.EOS_TOKEN))
     _, drawn = post(tokenizer, engine, {"inputs": PROMPT, "parameters": {
