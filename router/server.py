@@ -172,7 +172,8 @@ def _classify(request: web.Request, error: Exception) -> tuple[int, str, str] | 
         return 400, str(error), "validation"
     if isinstance(error, ValidationError):
         return 422, str(error), "validation"
-    if isinstance(error, (NotReadyError, QueueFullError)) and not state.accepting:
+    if isinstance(error, NotReadyError) or (isinstance(error, QueueFullError)
+                                            and not state.accepting):
         # The engine refuses because it drains: no reason for the client to retry here.
         return 503, str(error), "unavailable"
     if isinstance(error, QueueFullError):

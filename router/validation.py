@@ -20,8 +20,9 @@ from functools import partial
 
 from shardgen.router.requests import GenerationRequest, SamplingParams, StoppingParams
 
-# The proto carries the seed as uint64.
+# The proto carries the seed as uint64 and top_k as uint32.
 _MAX_SEED = 2**64 - 1
+_MAX_TOP_K = 2**32 - 1
 # TGI's bounds on the OpenAI-style penalties.
 _PENALTY_BOUND = 2.0
 
@@ -169,7 +170,7 @@ def _check_between(name: str, value: float, low: float, high: float) -> None:
 # The range each numeric sampling parameter must lie in (TGI's, where TGI has one).
 _SAMPLING_RANGES: dict[str, Callable[[str, float], None]] = {
     "temperature": _check_positive,
-    "top_k": _check_positive,
+    "top_k": partial(_check_between, low=1, high=_MAX_TOP_K),
     "top_p": _check_open_unit,
     "typical_p": _check_open_unit,
     "repetition_penalty": _check_positive,

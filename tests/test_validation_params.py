@@ -68,6 +68,7 @@ def test_sampling_without_a_seed_draws_one_and_reports_it() -> None:
     ({"temperature": True}, ["temperature", "number", "bool"]),
     ({"temperature": float("nan")}, ["temperature", "finite"]),
     ({"top_k": 0}, ["top_k", "0"]),
+    ({"top_k": 2**40}, ["top_k", str(2**40), str(2**32 - 1)]),
     ({"top_k": 2.5}, ["top_k", "integer"]),
     ({"top_p": 0.0}, ["top_p", "0.0"]),
     ({"top_p": 1.0}, ["top_p", "< 1.0"]),
