@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from shardgen.shard.layers.ops import Ops
 
 
 @dataclass
@@ -188,11 +192,17 @@ def _sdpa_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 class Attention(nn.Module):
     """Writes the step's keys and values into the paged cache, then attends over it.
 
-    q/k/v arrive already projected and rotated, split into this rank's heads.
+    q/k/v arrive already projected and rotated, split into this rank's heads. `ops` picks
+    the implementation (shard/layers/ops.py); None is the torch one of this module.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int = 0) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int = 0,
+        ops: Ops | None = None,
+    ) -> None:
         super().__init__()
+        self._write_kv = ops.write_kv if ops is not None else write_kv
+        self._paged_attention = ops.paged_attention if ops is not None else paged_attention
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -208,8 +218,8 @@ class Attention(nn.Module):
         attn: AttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
-        return paged_attention(
+        self._write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        return self._paged_attention(
             q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.cu_seqlens_q,
             attn.max_seqlen_q, self.scale, self.sliding_window,
         )

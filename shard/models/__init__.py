@@ -1,7 +1,7 @@
 """Model registry and loading: config.json's architecture picks the family.
 
     model = load_model(path, dtype=torch.bfloat16, device=torch.device("cuda", 0),
-                       rank=r, world_size=n, process_group=group)
+                       rank=r, world_size=n, process_group=group, kernel_backend="auto")
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from torch.distributed import ProcessGroup
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.layers.ops import select_ops
 from shardgen.shard.models.base import CausalLM
 from shardgen.shard.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from shardgen.shard.weights import iter_checkpoint
@@ -51,13 +52,16 @@ def load_model(
     rank: int = 0,
     world_size: int = 1,
     process_group: ProcessGroup | None = None,
+    kernel_backend: str = "torch",
 ) -> CausalLM:
     """Builds the model of a local HF folder (config.json + *.safetensors) for one rank.
 
     Each rank reads only its slice of every tensor. With world_size > 1, process_group
     None means torch.distributed's default group (which must then be initialised before
-    the first forward). Raises ValueError for an unsupported architecture or a model
-    that cannot be split over world_size ranks.
+    the first forward). `kernel_backend` ("auto", "triton", "torch"; see
+    shard/layers/ops.py) picks the hot-path ops once, for every layer. Raises ValueError
+    for an unsupported architecture, a model that cannot be split over world_size ranks,
+    or a head size the Triton kernels cannot take when "triton" is asked for.
     """
     config = AutoConfig.from_pretrained(model_path)
     architectures = getattr(config, "architectures", None) or []
@@ -67,10 +71,15 @@ def load_model(
         )
     model_class = get_model_class(architectures[0])
     tp = TensorParallelGroup(rank, world_size, process_group)
+    ops = select_ops(kernel_backend, device, _head_dim(config))
     with _default_dtype(dtype), torch.device(device):
-        model = model_class(config, tp)
+        model = model_class(config, tp, ops)
     model.load_weights(iter_checkpoint(model_path))
     return model.eval()
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @contextmanager

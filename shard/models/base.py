@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.attention import AttentionMetadata
+from shardgen.shard.layers.ops import TORCH_OPS, Ops
 from shardgen.shard.weights import TensorSlice, load_weights
 
 
@@ -19,7 +20,9 @@ class CausalLM(nn.Module):
 
     Attributes the runtime reads to size the KV cache: num_layers, num_kv_heads (KV heads
     held by THIS rank, after splitting or replication), head_dim; and vocab_size (the
-    width of compute_logits' output).
+    width of compute_logits' output). `ops` are the hot-path ops its layers were built
+    with (shard/layers/ops.py): the runtime captures CUDA graphs only when they are
+    graph-safe.
     """
 
     config: PretrainedConfig
@@ -33,10 +36,11 @@ class CausalLM(nn.Module):
     # Substrings of checkpoint tensor names that hold nothing to load.
     skipped_weight_patterns: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup) -> None:
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.config = config
         self.tp = tp
+        self.ops = ops
 
     def forward(
         self,

@@ -14,12 +14,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from shardgen.shard.distributed import TensorParallelGroup
-from shardgen.shard.layers.activation import silu_and_mul
 from shardgen.shard.layers.attention import Attention, AttentionMetadata
 from shardgen.shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from shardgen.shard.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardgen.shard.layers.norm import RMSNorm
-from shardgen.shard.layers.rotary import RotaryEmbedding, apply_rotary
+from shardgen.shard.layers.ops import TORCH_OPS, Ops
+from shardgen.shard.layers.rotary import RotaryEmbedding
 from shardgen.shard.models.base import CausalLM
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -47,9 +47,11 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, tp: TensorParallelGroup
+        self, config: PretrainedConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, tp: TensorParallelGroup,
+        ops: Ops,
     ) -> None:
         super().__init__()
+        self.apply_rotary = ops.apply_rotary
         head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, qkv_bias, tp
@@ -57,7 +59,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, o_bias, tp)
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
-            scale=head_dim**-0.5, sliding_window=sliding_window_of(config, layer_idx),
+            scale=head_dim**-0.5, sliding_window=sliding_window_of(config, layer_idx), ops=ops,
         )
 
     def forward(
@@ -68,14 +70,15 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, proj.num_heads, proj.head_dim)
         k = k.view(-1, proj.num_kv_heads, proj.head_dim)
         v = v.view(-1, proj.num_kv_heads, proj.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = self.apply_rotary(q, k, cos, sin)  # the Triton op rotates in place
         out = self.attn(q, k, v, kv_cache, attn)
         return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(self, config: PretrainedConfig, bias: bool, tp: TensorParallelGroup, ops: Ops) -> None:
         super().__init__()
+        self.silu_and_mul = ops.silu_and_mul
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
         size = config.intermediate_size
@@ -83,19 +86,20 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: PretrainedConfig, layer_idx: int, biases: tuple[bool, bool, bool], tp: TensorParallelGroup
+        self, config: PretrainedConfig, layer_idx: int, biases: tuple[bool, bool, bool], tp: TensorParallelGroup,
+        ops: Ops,
     ) -> None:
         super().__init__()
         qkv_bias, o_bias, mlp_bias = biases
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, tp)
-        self.mlp = LlamaMLP(config, mlp_bias, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias, tp, ops)
+        self.mlp = LlamaMLP(config, mlp_bias, tp, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -117,13 +121,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, biases: tuple[bool, bool, bool], tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, config: PretrainedConfig, biases: tuple[bool, bool, bool], tp: TensorParallelGroup, ops: Ops
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, biases, tp) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, biases, tp, ops) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
 
     def forward(
@@ -157,9 +163,9 @@ class LlamaForCausalLM(CausalLM):
         attention_bias = bool(getattr(config, "attention_bias", False))
         return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
 
-    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup) -> None:
-        super().__init__(config, tp)
-        self.model = LlamaModel(config, self.biases(config), tp)
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup, ops: Ops = TORCH_OPS) -> None:
+        super().__init__(config, tp, ops)
+        self.model = LlamaModel(config, self.biases(config), tp, ops)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
