@@ -51,6 +51,8 @@ class _Request:
     blocks: list[int]
     num_cached_tokens: int
     priority: int
+    # Leading blocks that carry `priority`; the ones after them carry 0.
+    priority_blocks: int
     # Hashes of the leading blocks already in the index, in order: the reused prefix, the
     # blocks this request committed, and "twins" (another request indexed the same
     # content first). Their count is the number of committed blocks.
@@ -132,15 +134,18 @@ class BlockManager:
         return len(self._match(token_ids)) * self.block_size
 
     def allocate(
-        self, request_id: int, token_ids: Sequence[int], num_tokens: int, *, priority: int = 0
+        self, request_id: int, token_ids: Sequence[int], num_tokens: int, *, priority: int = 0,
+        priority_tokens: int | None = None,
     ) -> Allocation | None:
         """Ensure `request_id` has blocks for positions [0, num_tokens).
 
         First call for an id: reuse the cached prefix of `token_ids` (as `lookup` finds it,
         even past num_tokens), then take the rest from the free list, evicting cached blocks
         when it is empty. `priority` is taken from this first call: the blocks the request
-        reuses or commits keep the highest priority any request gave them. Later calls only
-        grow the table; their token_ids and priority are not used.
+        reuses or commits keep the highest priority any request gave them. With
+        `priority_tokens`, only the full blocks among the first priority_tokens tokens get
+        it (a shared system prompt, say); the others get 0. Later calls only grow the table;
+        their token_ids and priorities are not used.
 
         Answers None and changes nothing when free plus evictable blocks do not suffice.
         """
@@ -157,7 +162,9 @@ class BlockManager:
         self._clock += 1
         appended_from = 0 if request is None else len(request.blocks)
         if request is None:
-            request = self._admit(request_id, reused, priority)
+            priority_blocks = (len(token_ids) if priority_tokens is None
+                               else priority_tokens) // self.block_size
+            request = self._admit(request_id, reused, priority, priority_blocks)
         request.blocks.extend(self._take_blocks(num_new))
         return Allocation(
             list(request.blocks), request.blocks[appended_from:], request.num_cached_tokens
@@ -284,15 +291,17 @@ class BlockManager:
             return []
         return self._index.match(token_ids, (len(token_ids) - 1) // self.block_size)
 
-    def _admit(self, request_id: int, reused: list[CachedBlock], priority: int) -> _Request:
+    def _admit(self, request_id: int, reused: list[CachedBlock], priority: int,
+               priority_blocks: int) -> _Request:
         """Register a new request holding the reused chain."""
-        for block in reused:
-            self._add_reference(block.block_id, priority)
+        for position, block in enumerate(reused):
+            self._add_reference(block.block_id, priority if position < priority_blocks else 0)
         num_cached_tokens = len(reused) * self.block_size
         request = _Request(
             blocks=[b.block_id for b in reused],
             num_cached_tokens=num_cached_tokens,
             priority=priority,
+            priority_blocks=priority_blocks,
             hashes=[b.hash for b in reused],
         )
         self._requests[request_id] = request
@@ -319,15 +328,16 @@ class BlockManager:
         """Index the request's block at `position` (or adopt its indexed twin); answers the
         indexed block, or None if a hash collision stops indexing for this request."""
         parent_hash = request.hashes[-1] if request.hashes else None
+        priority = request.priority if position < request.priority_blocks else 0
         block = self._index.find(parent_hash, token_ids)
         if block is not None:  # a twin: reference it as the parent of what follows
             request.pinned.append(block.block_id)
-            self._add_reference(block.block_id, request.priority)
+            self._add_reference(block.block_id, priority)
         else:
             # The parent is held by this request (reused, committed or pinned), so indexed.
             parent = None if parent_hash is None else self._index.get_by_hash(parent_hash)
             block_id = request.blocks[position]
-            block = self._index.insert(block_id, parent, token_ids, request.priority)
+            block = self._index.insert(block_id, parent, token_ids, priority)
             if block is None:
                 request.indexing_stopped = True
                 return None

@@ -327,3 +327,25 @@ def test_check_invariants_catches_corruption() -> None:
     manager._free.append(3)  # a used block on the free list
     with pytest.raises(AssertionError, match="block 3 is in 2 states"):
         manager.check_invariants()
+
+
+def test_priority_covers_only_the_marked_prefix() -> None:
+    """A high-priority system prompt outlives newer low-priority blocks, but the request's
+    blocks after the marked prefix are evicted like any others (LRU)."""
+    blocks = BlockManager(5, 16)  # 4 usable blocks
+    system = list(range(100, 116))
+    x = system + list(range(200, 216))
+    y = list(range(300, 332))
+    assert blocks.allocate(1, x, len(x), priority=5, priority_tokens=16) is not None
+    blocks.commit(1, x, len(x))
+    blocks.free(1)  # released first: LRU alone would evict x's blocks first
+    assert blocks.allocate(2, y, len(y)) is not None
+    blocks.commit(2, y, len(y))
+    blocks.free(2)
+    assert blocks.num_cached_blocks == 4
+
+    assert blocks.allocate(3, list(range(400, 448)), 48) is not None  # evicts 3 blocks
+    blocks.check_invariants()
+    assert blocks.lookup(x) == 16          # the marked system prompt survived
+    assert blocks.lookup(y) == 0           # the newer, unmarked chain did not
+    assert blocks.lookup(system + [1, 2, 3]) == 16
