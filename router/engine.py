@@ -198,7 +198,8 @@ class Engine:
         self._scheduler.add(Sequence(
             request_id=request_id, token_ids=list(request.input_ids),
             prompt_len=len(request.input_ids), max_new_tokens=request.stopping.max_new_tokens,
-            priority=request.cache_priority, deadline=request.deadline,
+            priority=request.cache_priority, priority_tokens=request.cache_priority_tokens,
+            deadline=request.deadline,
             prefill_logprobs=request.prefill_logprobs))
         self._drained.clear()
         self._wakeup.set()

@@ -47,8 +47,10 @@ class GenerationRequest:
     stopping: StoppingParams
     top_n_tokens: int = 0
     prefill_logprobs: bool = False
-    # Cache priority of the prompt's blocks: higher is evicted later (0 = normal).
+    # Cache priority of the prompt's blocks: higher is evicted later (0 = normal). It covers
+    # the first cache_priority_tokens prompt tokens (None: the whole prompt).
     cache_priority: int = 0
+    cache_priority_tokens: int | None = None
     # The HTTP request's trace context travels with the request (OpenTelemetry Context).
     trace_context: object | None = None
     # Absolute deadline on the loop clock (time.monotonic()), or None.

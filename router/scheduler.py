@@ -85,6 +85,8 @@ class Sequence:
     prompt_len: int
     max_new_tokens: int
     priority: int = 0
+    # Leading prompt tokens the priority covers (None: the whole prompt).
+    priority_tokens: int | None = None
     deadline: float | None = None
     prefill_logprobs: bool = False
     status: SeqStatus = SeqStatus.WAITING
@@ -438,7 +440,8 @@ class Scheduler:
             # prefix index again would cost O(prompt) every step for the same answer.
             return None
         allocation = self._blocks.allocate(seq.request_id, seq.token_ids, len(seq.token_ids),
-                                           priority=seq.priority)
+                                           priority=seq.priority,
+                                           priority_tokens=seq.priority_tokens)
         if allocation is None:
             seq.blocked_at_free = free
             return None

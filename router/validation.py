@@ -65,11 +65,17 @@ class GenerateParameters:
     decoder_input_details: bool = False
     top_n_tokens: int = 0
     ignore_eos: bool = False
+    cache_priority: int = 0
+    cache_priority_tokens: int | None = None
 
     @property
     def reported_seed(self) -> int | None:
         """The seed that `details.seed` reports: None for a greedy request."""
         return self.sampling.seed if self.sampling.do_sample else None
+
+
+# Highest `cache_priority` a request may give its prompt prefix.
+MAX_CACHE_PRIORITY = 100
 
 
 # ---------------------------------------------------------------- JSON value types
@@ -133,6 +139,10 @@ _PARAMETER_TYPES: dict[str, Callable[[str, object], object]] = {
     "top_n_tokens": _as_int,
     "watermark": _as_bool,
     "ignore_eos": _as_bool,
+    # shardgen's cache priority: the prompt's first cache_priority_tokens tokens (default:
+    # all of it) are evicted from the prefix cache after blocks of lower priority.
+    "cache_priority": _as_int,
+    "cache_priority_tokens": _as_int,
     # TGI features this server does not have; accepted only when null.
     "adapter_id": _must_be_null,
     "grammar": _must_be_null,
@@ -203,6 +213,15 @@ def _check_count_ranges(values: Mapping[str, object], limits: ValidationLimits) 
     if not 0 <= top_n <= limits.max_top_n_tokens:
         raise ValidationError(f"`top_n_tokens` must be between 0 and {limits.max_top_n_tokens} "
                               f"(--max-top-n-tokens), got {top_n}")
+    priority = values.get("cache_priority", 0)
+    assert isinstance(priority, int)
+    if not 0 <= priority <= MAX_CACHE_PRIORITY:
+        raise ValidationError(f"`cache_priority` must be between 0 and {MAX_CACHE_PRIORITY}, "
+                              f"got {priority}")
+    priority_tokens = values.get("cache_priority_tokens")
+    if isinstance(priority_tokens, int) and priority_tokens < 1:
+        raise ValidationError(f"`cache_priority_tokens` must be strictly positive, "
+                              f"got {priority_tokens}")
     truncate = values.get("truncate")
     if isinstance(truncate, int) and not 1 <= truncate <= limits.max_input_tokens:
         raise ValidationError(f"`truncate` must be between 1 and {limits.max_input_tokens} "
@@ -264,7 +283,8 @@ def parse_parameters(raw: object, limits: ValidationLimits,
     best_of = _check_best_of(values, do_sample, limits)
     flags = {name: values[name] for name in (
         "max_new_tokens", "return_full_text", "truncate", "details", "decoder_input_details",
-        "top_n_tokens", "ignore_eos") if name in values}
+        "top_n_tokens", "ignore_eos", "cache_priority", "cache_priority_tokens")
+        if name in values}
     return GenerateParameters(
         sampling=_sampling_params(values, do_sample, rng or random.Random()),
         stop=values.get("stop", ()),  # type: ignore[arg-type]
@@ -341,4 +361,6 @@ def build_request(input_ids: list[int], max_new_tokens: int,
                                 ignore_eos_token=params.ignore_eos),
         top_n_tokens=params.top_n_tokens,
         prefill_logprobs=params.decoder_input_details,
+        cache_priority=params.cache_priority,
+        cache_priority_tokens=params.cache_priority_tokens,
     )

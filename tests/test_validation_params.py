@@ -154,3 +154,24 @@ def test_build_request_carries_every_setting() -> None:
                                               watermark=True)
     assert request.stopping.max_new_tokens == 6 and request.stopping.ignore_eos_token
     assert request.top_n_tokens == 2 and request.prefill_logprobs
+
+
+def test_cache_priority_reaches_the_engine_request() -> None:
+    from shardgen.router.validation import build_request
+
+    limits = ValidationLimits(max_input_tokens=100, max_total_tokens=200)
+    params = parse_parameters({"cache_priority": 10, "cache_priority_tokens": 32}, limits)
+    request = build_request([1, 2, 3], 5, params)
+    assert (request.cache_priority, request.cache_priority_tokens) == (10, 32)
+    assert build_request([1], 5, parse_parameters({}, limits)).cache_priority == 0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"cache_priority": 101}, "`cache_priority` must be between 0 and 100, got 101"),
+    ({"cache_priority": -1}, "`cache_priority` must be between 0 and 100, got -1"),
+    ({"cache_priority_tokens": 0}, "`cache_priority_tokens` must be strictly positive, got 0"),
+])
+def test_cache_priority_bounds(raw: dict, message: str) -> None:
+    limits = ValidationLimits(max_input_tokens=100, max_total_tokens=200)
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(")):
+        parse_parameters(raw, limits)
