@@ -125,3 +125,52 @@ def test_too_small_kv_cache_fails_at_start_naming_the_flag(tmp_path: Path) -> No
     message = str(failure.value)
     assert "launcher exited with 1" in message
     assert "--max-total-tokens" in message
+
+
+def test_kv_events_stream_the_stored_blocks(cached_server: Server) -> None:
+    """A load balancer subscribed to /v1/kv_events sees the prompt's blocks stored, under
+    hashes it can compute itself from the token ids."""
+    import json
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from shardgen.router.radix import block_hash
+
+    prompt = "A brand new story about a purple cat and a tiny green frog who lived by the sea."
+    events: list[dict] = []
+    connected = threading.Event()
+
+    def subscribe() -> None:
+        with requests.get(f"{cached_server.url}/v1/kv_events", stream=True, timeout=60) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            connected.set()
+            for line in resp.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if events[-1]["kind"] == "stored":
+                        return
+
+    reader = threading.Thread(target=subscribe, daemon=True)
+    reader.start()
+    assert connected.wait(30)
+    greedy_ids(cached_server, prompt, 4)
+    reader.join(30)
+    stored = [e for e in events if e["kind"] == "stored"]
+    assert stored, events
+    ids = AutoTokenizer.from_pretrained(STORIES)(prompt)["input_ids"]
+    first = block_hash(None, ids[:16])
+    assert stored[0]["block_hashes"][0] == first
+    assert stored[0]["parent_hash"] is None
+    assert stored[0]["token_count"] == 16 * len(stored[0]["block_hashes"])
+
+
+def test_cache_priority_is_accepted_and_bounded(cached_server: Server) -> None:
+    ok = requests.post(f"{cached_server.url}/generate", timeout=60, json={
+        "inputs": PREFIX + "The end.", "parameters": {"max_new_tokens": 2, "cache_priority": 50,
+                                                      "cache_priority_tokens": 32}})
+    assert ok.status_code == 200, ok.text
+    bad = requests.post(f"{cached_server.url}/generate", timeout=60, json={
+        "inputs": "Hi", "parameters": {"cache_priority": 1000}})
+    assert bad.status_code == 422
+    assert "cache_priority" in bad.json()["error"]

@@ -25,6 +25,8 @@ from shardgen.common.logging import setup_logging
 from shardgen.common.tracing import setup_tracing, shutdown_tracing
 from shardgen.proto import generate_pb2
 from shardgen.router.config import ConfigError, RouterConfig, parse_args, resolve_limits
+from shardgen.router.kv_events import KVEventHub
+from shardgen.router.kv_events_api import add_kv_events_route
 from shardgen.router.metrics import Metrics
 from shardgen.router.server import ModelInfo, create_app, stop_accepting
 from shardgen.router.tokenization import Tokenizer
@@ -45,7 +47,7 @@ def model_info(config: RouterConfig, info: generate_pb2.InfoResponse, block_size
 
 
 def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: Any,
-            num_blocks: int, block_size: int, metrics: Metrics) -> Any:
+            num_blocks: int, block_size: int, metrics: Metrics, kv_events: KVEventHub) -> Any:
     """The engine over the warmed-up shards, its state gauges bound to metrics.
 
     max_batch_total_tokens: the bound the user gave, or None; the resolved config's value
@@ -64,7 +66,8 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
         max_waiting_tokens=config.max_waiting_tokens,
         enable_prefix_caching=config.enable_prefix_caching)
     blocks = BlockManager(num_blocks, block_size,
-                          enable_prefix_caching=config.enable_prefix_caching)
+                          enable_prefix_caching=config.enable_prefix_caching,
+                          event_sink=kv_events.publish)
     engine = Engine(client, scheduler, blocks, metrics=metrics)
     metrics.bind_state(queue_size=lambda: engine.queue_size,
                        batch_size=lambda: engine.running_size,
@@ -74,7 +77,7 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
     return engine
 
 
-async def _start(config: RouterConfig, metrics: Metrics
+async def _start(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub
                  ) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo]:
     """Connect, settle the limits, warm up; returns (client, engine, tokenizer, config, info)."""
     from shardgen.router.client import ShardClient
@@ -106,7 +109,7 @@ async def _start(config: RouterConfig, metrics: Metrics
                 resolved.max_batch_prefill_tokens, resolved.max_batch_total_tokens,
                 warmup.num_blocks, warmup.block_size)
     engine = _engine(resolved, config.max_batch_total_tokens, client, warmup.num_blocks,
-                     warmup.block_size, metrics)
+                     warmup.block_size, metrics, kv_events)
     return client, engine, tokenizer, resolved, model_info(config, info, warmup.block_size)
 
 
@@ -119,10 +122,11 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _start_or_stop(config: RouterConfig, metrics: Metrics, stop: asyncio.Event
+async def _start_or_stop(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub,
+                         stop: asyncio.Event
                          ) -> tuple[Any, Any, Tokenizer, RouterConfig, ModelInfo] | None:
     """`_start`, unless a signal comes first (then None): warm-up may take minutes."""
-    starting = asyncio.ensure_future(_start(config, metrics))
+    starting = asyncio.ensure_future(_start(config, metrics, kv_events))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
@@ -137,12 +141,14 @@ async def serve(config: RouterConfig) -> int:
     """Run the router until SIGTERM/SIGINT; returns the exit status."""
     stop = _stop_event()
     metrics = Metrics()
-    started = await _start_or_stop(config, metrics, stop)
+    kv_events = KVEventHub()
+    started = await _start_or_stop(config, metrics, kv_events, stop)
     if started is None:
         logger.info("stopped during start-up")
         return 0
     client, engine, tokenizer, resolved, info = started
     app = create_app(resolved, tokenizer, engine, info, metrics=metrics)
+    add_kv_events_route(app, kv_events)
     # handler_cancellation: a client that goes away cancels its handler, which cancels
     # its engine request, instead of generating for nobody.
     # Once the engine has drained, handlers only write their last bytes: a short grace.
@@ -159,6 +165,7 @@ async def serve(config: RouterConfig) -> int:
         stop_accepting(app)
         drain_timeout_s = config.drain_timeout_s
     finally:
+        kv_events.close()  # ends the event streams, which would otherwise hold HTTP open
         await _shut_down(engine, runner, client, tokenizer, drain_timeout_s)
     logger.info("stopped")
     return 0

@@ -35,12 +35,17 @@ class EventStream:
         """Whether the status line and headers have been sent."""
         return self._response is not None
 
-    async def send(self, data: Mapping[str, object]) -> None:
-        """Write one event whose data is `data` as JSON (on one line)."""
+    async def start(self) -> None:
+        """Send the status line and headers now, before any event (idempotent)."""
         if self._response is None:
             response = web.StreamResponse(status=200, headers=_HEADERS)
             await response.prepare(self._request)
             self._response = response
+
+    async def send(self, data: Mapping[str, object]) -> None:
+        """Write one event whose data is `data` as JSON (on one line)."""
+        await self.start()
+        assert self._response is not None
         payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
         await self._response.write(f"data: {payload}\n\n".encode())
 
