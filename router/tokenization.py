@@ -36,16 +36,21 @@ class Tokenizer:
 
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
-    def encode_sync(self, text: str) -> list[int]:
-        """Token ids of text, special tokens (BOS) added as the tokenizer does by default."""
-        return list(self.hf(text, add_special_tokens=True)["input_ids"])
+    def encode_sync(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text, special tokens (BOS) added as the tokenizer does by default.
 
-    async def encode(self, text: str) -> list[int]:
+        add_special_tokens=False encodes text that already holds them (a rendered chat
+        template starts with its own BOS).
+        """
+        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Like `encode_sync`, on the worker thread when text is long."""
         if len(text) <= self._inline_max:
-            return self.encode_sync(text)
+            return self.encode_sync(text, add_special_tokens)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode_sync, text)
+        return await loop.run_in_executor(self._executor, self.encode_sync, text,
+                                          add_special_tokens)
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids (the `Decoder` that IncrementalDetokenizer needs)."""
