@@ -44,10 +44,13 @@ class EventStream:
 
     async def send(self, data: Mapping[str, object]) -> None:
         """Write one event whose data is `data` as JSON (on one line)."""
+        await self.send_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+    async def send_text(self, data: str) -> None:
+        """Write one event whose data is `data` as is (one line: OpenAI's closing `[DONE]`)."""
         await self.start()
         assert self._response is not None
-        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        await self._response.write(f"data: {payload}\n\n".encode())
+        await self._response.write(f"data: {data}\n\n".encode())
 
     async def finish(self) -> web.StreamResponse:
         """End the stream and return the response for the handler to return."""
