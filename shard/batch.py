@@ -8,13 +8,15 @@ size; the sampling parameters and penalty statistics live on the device
 
 `build_step` lays out one varlen step: the running rows first (one token each), then
 the new sequences (whole prompts or chunks). All its host integers travel to the device
-in one copy, the block table in a second.
+in one copy, the block table in a second (non-blocking, through pinned memory on CUDA).
+A batch that only decodes and is unchanged since its last step takes its input ids from
+the device, where the sampler left them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,9 +150,10 @@ class DecodeBatch:
     Row state: `seq_lens` counts every token of the sequence including `last_tokens`,
     the one generated last, whose KV the next step writes at position seq_lens - 1.
     `num_generated` includes tokens generated before a preemption (generated_offset):
-    it is the index n of the next seeded draw. `select`, `concat` and `with_extensions`
-    return new batches (sharing what they do not change); only `advance`, the commit of
-    a step, changes a batch in place.
+    it is the index n of the next seeded draw. `last_tokens_device` is the device copy
+    of `last_tokens` that the last step sampled (None when the rows changed since).
+    `select`, `concat` and `with_extensions` return new batches (sharing what they do
+    not change); only `advance`, the commit of a step, changes a batch in place.
     """
 
     batch_id: int
@@ -164,6 +167,7 @@ class DecodeBatch:
     num_generated: np.ndarray   # [B]
     max_generated: np.ndarray   # [B] generated_offset + max_new_tokens
     sampling: SamplingBatch
+    last_tokens_device: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -247,6 +251,7 @@ class DecodeBatch:
     def advance(self, next_ids: np.ndarray, next_ids_device: torch.Tensor) -> None:
         """Commit a step: every row generated `next_ids` (host and device copies)."""
         self.last_tokens = next_ids.astype(np.int64)
+        self.last_tokens_device = next_ids_device
         self.seq_lens = self.seq_lens + 1
         self.num_generated = self.num_generated + 1
         self.sampling.observe(next_ids_device)
@@ -310,12 +315,18 @@ class _Layout:
         self.num_tokens += n
 
 
+Upload = Callable[[np.ndarray], torch.Tensor]
+
+
 def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_size: int,
-               device: torch.device, sampled: DecodeBatch | None) -> StepInputs:
+               device: torch.device, sampled: DecodeBatch | None,
+               upload: Upload | None = None) -> StepInputs:
     """Lay out one step: `running` rows decode one token each, `new` compute their chunk.
 
     `sampled` is the batch of the rows that pick a token (running rows, then the new
     sequences that finish their prompt): its draw indices and last tokens go along.
+    `upload` sends a host array to the device (shard/transfers.PinnedUpload); None is a
+    plain copy.
     """
     layout = _Layout()
     if sampled is not None:
@@ -328,10 +339,13 @@ def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_si
     for seq in new:
         layout.add_new(seq)
         tables.append(np.asarray(seq.blocks, dtype=np.int32)[None, :])
-    return _to_device(layout, tables, device)
+    inputs = _to_device(layout, tables, upload or (lambda array: torch.from_numpy(array).to(device)))
+    if running is not None and running.last_tokens_device is not None and not new:
+        inputs.input_ids = running.last_tokens_device
+    return inputs
 
 
-def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) -> StepInputs:
+def _to_device(layout: _Layout, tables: list[np.ndarray], upload: Upload) -> StepInputs:
     query_lens = np.asarray(layout.query_lens, dtype=np.int64)
     positions = np.concatenate(layout.positions)
     seq_lens = np.concatenate(layout.seq_lens)
@@ -339,14 +353,14 @@ def _to_device(layout: _Layout, tables: list[np.ndarray], device: torch.device) 
     parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots),
              np.asarray(layout.sample_rows, dtype=np.int64), layout.draw_index,
              layout.previous_tokens, seq_lens, cu_seqlens]
-    packed = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+    packed = upload(np.concatenate(parts).astype(np.int64))
     (input_ids, positions_t, slots, sample_rows, draw_index, previous_tokens, seq_lens_t,
      cu_seqlens_t) = packed.split([len(p) for p in parts])
     width = max(t.shape[1] for t in tables)
     table = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables])
     attn = AttentionMetadata(
         slot_mapping=slots,
-        block_tables=torch.from_numpy(table).to(device),
+        block_tables=upload(table),
         seq_lens=seq_lens_t.to(torch.int32),
         cu_seqlens_q=cu_seqlens_t.to(torch.int32),
         max_seqlen_q=int(query_lens.max()),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
+_KERNEL_BACKENDS = ("auto", "triton", "torch")
 _DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
@@ -41,6 +42,9 @@ class ShardConfig:
     master_port: int
     otlp_endpoint: str | None = None
     otlp_service_name: str | None = None
+    kernel_backend: str = "torch"       # "triton" | "torch": the hot-path ops (shard/layers/ops.py)
+    cuda_graphs: bool = False           # capture decode steps as CUDA graphs at warm-up
+    cuda_graph_max_batch_size: int = 256
 
     @property
     def socket_path(self) -> str:
@@ -83,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Share of the GPU's memory the shard may use in total.")
     parser.add_argument("--distributed-timeout-s", type=float, default=600.0,
                         help="Timeout of collective operations, in seconds.")
+    parser.add_argument("--kernel-backend", default="auto", choices=_KERNEL_BACKENDS,
+                        help="Hot-path ops: Triton kernels or the torch reference (auto: Triton "
+                             "on CUDA, torch on CPU).")
+    parser.add_argument("--cuda-graphs", default=None, action=argparse.BooleanOptionalAction,
+                        help="Replay decode steps as CUDA graphs (default: on for one CUDA rank "
+                             "with the Triton kernels).")
+    parser.add_argument("--cuda-graph-max-batch-size", type=int, default=256,
+                        help="Largest decode batch captured as a graph; larger ones run eagerly.")
     parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
     parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
     # Forwarded by the launcher with its router flags; accepted so that the command line
@@ -113,7 +125,10 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
            f"--cuda-memory-fraction must be in (0, 1], got {args.cuda_memory_fraction}")
     _check(args.distributed_timeout_s > 0,
            f"--distributed-timeout-s must be positive, got {args.distributed_timeout_s}")
+    _check(args.cuda_graph_max_batch_size >= 1,
+           f"--cuda-graph-max-batch-size must be at least 1, got {args.cuda_graph_max_batch_size}")
     device_type = _resolve_device(args.device, cuda_available)
+    kernel_backend = _resolve_kernel_backend(args.kernel_backend, device_type)
     return ShardConfig(
         model_id=args.model_id,
         uds_path=args.uds_path,
@@ -132,6 +147,9 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         master_port=master_port,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,
+        kernel_backend=kernel_backend,
+        cuda_graphs=_resolve_cuda_graphs(args.cuda_graphs, device_type, kernel_backend, world_size),
+        cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
     )
 
 
@@ -160,6 +178,25 @@ def _resolve_device(device: str, cuda_available: bool | None) -> str:
     if device == "cuda" and not cuda_available:
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
     return device
+
+
+def _resolve_kernel_backend(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        return "triton" if device_type == "cuda" else "torch"
+    return backend
+
+
+def _resolve_cuda_graphs(asked: bool | None, device_type: str, kernel_backend: str,
+                         world_size: int) -> bool:
+    """Default: on for one CUDA rank with the Triton kernels (capturing the collectives of
+    several ranks is not checked yet: ask for it with --cuda-graphs)."""
+    possible = device_type == "cuda" and kernel_backend == "triton"
+    if asked is None:
+        return possible and world_size == 1
+    if asked and not possible:
+        raise ConfigError(f"--cuda-graphs needs --device cuda and --kernel-backend triton, got "
+                          f"device {device_type} and kernel backend {kernel_backend}")
+    return asked
 
 
 def _resolve_dtype(dtype: str, device_type: str) -> str:

@@ -5,6 +5,11 @@ ClearCache) and the deep health probe. Every method runs to completion before th
 (the server calls them one at a time). A step first checks everything the router sent,
 then computes, and only then commits: a step that fails leaves the cached batches as
 they were.
+
+On CUDA a decode step replays a captured graph (shard/cuda_graphs.py); its inputs go up
+through pinned memory without blocking, its sampled ids stay on the device as the next
+step's inputs, and its results come back in non-blocking copies that the host waits for
+only when it builds the answer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from shardgen.proto import generate_pb2
 from shardgen.shard.batch import CacheLimits, DecodeBatch, NewSequence, StepInputs, build_step
+from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy
 from shardgen.shard.interceptor import BatchNotFoundError, CapacityError, NotReadyError
 from shardgen.shard.kv_cache import KVCacheSpec, PagedKVCache
 from shardgen.shard.layers.attention import AttentionMetadata
@@ -33,7 +39,8 @@ from shardgen.shard.outputs import (
     prompt_logprobs,
 )
 from shardgen.shard.sampling import SampleOutput, sample
-from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, required_blocks
+from shardgen.shard.transfers import HostCopy, PinnedUpload
+from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +87,15 @@ class MemoryPolicy:
 
 
 class ModelRunner:
-    """One shard's model and state. Not thread-safe: call one method at a time."""
+    """One shard's model and state. Not thread-safe: call one method at a time.
+
+    `graphs` says whether Warmup captures decode CUDA graphs; None picks the default
+    (GraphPolicy.default_for: on for one CUDA rank with graph-safe ops).
+    """
 
     def __init__(self, model: CausalLM, facts: ModelFacts, memory: MemoryPolicy, *,
-                 device: torch.device, dtype: torch.dtype, rank: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype, rank: int = 0,
+                 graphs: GraphPolicy | None = None) -> None:
         self.model = model
         self.facts = facts
         self.memory = memory
@@ -94,13 +106,21 @@ class ModelRunner:
         self.cache: PagedKVCache | None = None
         self.batches: dict[int, DecodeBatch] = {}
         self.eos_token_ids = frozenset(facts.eos_token_ids)
+        self.graph_policy = graphs if graphs is not None else GraphPolicy.default_for(model, device)
+        if self.graph_policy.enabled and not (device.type == "cuda" and model.ops.graph_safe):
+            raise ValueError(f"CUDA graphs need a CUDA device and the Triton kernels, got {device.type} "
+                             f"with the {model.ops.name} ops")
+        self.graphs: DecodeGraphs | None = None
+        self._upload = PinnedUpload(device)
 
     # ------------------------------------------------------------------ warm-up, health
 
     @torch.inference_mode()
     def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
-        """Run the largest step, then allocate the KV cache; forgets every batch."""
+        """Run the largest step, allocate the KV cache, capture the decode graphs; forgets
+        every batch."""
         self.batches.clear()
+        self.graphs = None  # they hold the old cache: release both before measuring
         self.cache = None
         shape = WarmupShape.of(request.max_batch_prefill_tokens, request.max_batch_size,
                                request.max_total_tokens, self.facts.max_positions)
@@ -108,7 +128,8 @@ class ModelRunner:
             logger.warning("max_total_tokens %d exceeds the model's %d positions; longer "
                            "sequences will be rejected", request.max_total_tokens,
                            self.facts.max_positions)
-        num_blocks = self._measure_num_blocks(shape)
+        graph_batch = min(request.max_batch_size, self.graph_policy.max_batch_size)
+        num_blocks = self._measure_num_blocks(shape, graph_batch)
         needed = required_blocks(request.max_total_tokens, self.spec.block_size)
         if self.memory.num_blocks is not None:
             num_blocks = self.memory.num_blocks
@@ -124,10 +145,14 @@ class ModelRunner:
         self.cache = PagedKVCache(self.spec, num_blocks, self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks,
                     self.spec.block_size, self.cache.nbytes / 2**20)
+        if self.graph_policy.enabled:
+            self.graphs = DecodeGraphs.capture(self.model, self.cache, graph_batch,
+                                               required_blocks(request.max_total_tokens, self.spec.block_size))
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.spec.block_size)
 
-    def _measure_num_blocks(self, shape: WarmupShape) -> int:
-        """Run the warm-up step on a temporary cache; blocks the real one may have."""
+    def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int) -> int:
+        """Run the warm-up step on a temporary cache; blocks the real one may have (leaving
+        room for the decode graphs of up to `graph_batch` rows when they are on)."""
         is_cuda = self.device.type == "cuda"
         if is_cuda:
             torch.cuda.empty_cache()
@@ -139,8 +164,10 @@ class ModelRunner:
                                             sampled=sampled), sampled)
         if not is_cuda:
             return self.spec.blocks_for_bytes(self.memory.kv_cache_bytes)
+        reserve = graph_reserve_bytes(graph_batch, self.facts.vocab_size, self.model.config.hidden_size) \
+            if self.graph_policy.enabled else 0
         num_blocks = cuda_num_blocks(self.spec, self.device, self.memory.cuda_memory_fraction,
-                                     temporary.nbytes)
+                                     temporary.nbytes, reserve)
         del temporary
         torch.cuda.empty_cache()
         return num_blocks
@@ -277,30 +304,35 @@ class ModelRunner:
             [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
             if finishing else [])
         sampled = DecodeBatch.concat(batch_id, parts) if parts else None
-        inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled)
+        inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
+                            upload=self._upload)
         forward_started = time.perf_counter_ns()
         hidden, picked = self._compute(cache, inputs, sampled)
-        next_ids = picked.next_ids.cpu().numpy() if picked is not None else np.empty(0, np.int64)
+        # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
+        results = HostCopy(*_fields(picked)) if picked is not None else None
         prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
+        on_host = SampleOutput(*results.wait()) if results is not None else None
         forward_ns = time.perf_counter_ns() - forward_started
-        batch, generations = self._commit(sampled, picked, next_ids, new, prompt,
+        batch, generations = self._commit(sampled, picked, on_host, new, prompt,
                                           limits.max_positions)
         return StepOutput(batch, generations, forward_ns)
 
     def _commit(self, sampled: DecodeBatch | None, picked: SampleOutput | None,
-                next_ids: np.ndarray, new: Sequence[NewSequence],
+                on_host: SampleOutput | None, new: Sequence[NewSequence],
                 prompt: dict[int, generate_pb2.Tokens], max_positions: int
                 ) -> tuple[DecodeBatch | None, list[generate_pb2.Generation]]:
         """Advance the sampled rows, drop those that stopped, and (rank 0) say what happened.
 
+        `picked` is the sampler's output on the device, `on_host` the same on the host.
         Nothing here depends on what the router sent: a step that got this far succeeds.
         """
         generations: list[generate_pb2.Generation] = []
-        if sampled is not None and picked is not None:
+        if sampled is not None and picked is not None and on_host is not None:
+            next_ids = on_host.next_ids.numpy()
             sampled.advance(next_ids, picked.next_ids)
             finished = finished_rows(sampled, next_ids, self.eos_token_ids, max_positions)
             if self.rank == 0:
-                generations = build_generations(sampled, picked, next_ids, finished, prompt)
+                generations = build_generations(sampled, on_host, next_ids, finished, prompt)
             if finished.any():
                 sampled = sampled.select(np.flatnonzero(finished == RUNNING).tolist())
         if self.rank == 0:
@@ -312,14 +344,23 @@ class ModelRunner:
 
     def _compute(self, cache: PagedKVCache, inputs: StepInputs, sampled: DecodeBatch | None
                  ) -> tuple[torch.Tensor, SampleOutput | None]:
-        """The forward pass, and the pick of the rows that sample."""
-        hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
-        if sampled is None:
-            return hidden, None
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+        """The forward pass (a graph replay when the step fits one), and the pick of the
+        rows that sample."""
+        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
+        if bucket is not None and self.graphs is not None and sampled is not None:
+            hidden, logits = self.graphs.replay(inputs, bucket)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
+            if sampled is None:
+                return hidden, None
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
         picked = sample(logits, sampled.sampling, inputs.draw_index, inputs.previous_tokens,
                         top_n=max(sampled.top_n_tokens))
         return hidden, picked
+
+
+def _fields(picked: SampleOutput) -> list[torch.Tensor]:
+    return [picked.next_ids, picked.logprobs, picked.top_ids, picked.top_logprobs]
 
 
 def _extend(running: list[DecodeBatch], extensions: Sequence[generate_pb2.BlockTableExtension],

@@ -1,7 +1,8 @@
 """Warm-up: run the largest step the router will send, then size the KV cache.
 
 On CUDA the step runs against a small temporary cache while the allocator records its
-peak; the real cache then takes what is left of `cuda_memory_fraction` of the device.
+peak; the real cache then takes what is left of `cuda_memory_fraction` of the device,
+less what the decode CUDA graphs will hold (captured after the cache, so estimated).
 On CPU the cache is `kv_cache_bytes` large. `--num-blocks` overrides both.
 """
 
@@ -70,22 +71,38 @@ class WarmupShape:
         return 1 + math.ceil(self.longest / block_size)
 
 
+# Graph memory beyond the logits: per-layer activations of the largest bucket, split-decode
+# partials, cuBLAS workspaces of the capture stream, the graphs' own bookkeeping.
+_GRAPH_SLACK_BYTES = 256 * 2**20
+
+
+def graph_reserve_bytes(max_graph_batch: int, vocab_size: int, hidden_size: int) -> int:
+    """Memory to leave for decode graphs of up to `max_graph_batch` rows.
+
+    Their pool keeps the largest bucket's outputs alive: float32 logits (and the model-dtype
+    ones they are cast from) and a few hidden-sized activations per row.
+    """
+    per_row = vocab_size * (4 + 4) + 16 * hidden_size * 4
+    return max_graph_batch * per_row + _GRAPH_SLACK_BYTES
+
+
 def cuda_num_blocks(spec: KVCacheSpec, device: torch.device, memory_fraction: float,
-                    temporary_cache_bytes: int) -> int:
+                    temporary_cache_bytes: int, reserved_bytes: int = 0) -> int:
     """Blocks that fit after a warm-up step, from the allocator's statistics.
 
     Call after running the step with a temporary cache of `temporary_cache_bytes` still
-    allocated, having reset the peak statistics before it.
+    allocated, having reset the peak statistics before it. `reserved_bytes` stay free for
+    what is allocated after the cache (the decode graphs).
     """
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     peak = torch.cuda.max_memory_allocated(device)
     # Memory outside torch's allocator: the CUDA context, NCCL, other processes.
     outside = (total - free) - torch.cuda.memory_reserved(device)
-    budget = int(total * memory_fraction) - outside - (peak - temporary_cache_bytes)
-    logger.info("warm-up: %.2f GiB total, %.2f GiB peak of the step, %.2f GiB outside torch; "
-                "%.2f GiB for the KV cache", total / 2**30, peak / 2**30, outside / 2**30,
-                budget / 2**30)
+    budget = int(total * memory_fraction) - outside - (peak - temporary_cache_bytes) - reserved_bytes
+    logger.info("warm-up: %.2f GiB total, %.2f GiB peak of the step, %.2f GiB outside torch, "
+                "%.2f GiB kept for graphs; %.2f GiB for the KV cache", total / 2**30, peak / 2**30,
+                outside / 2**30, reserved_bytes / 2**30, budget / 2**30)
     return spec.blocks_for_bytes(budget)
 
 

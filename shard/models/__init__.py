@@ -52,7 +52,7 @@ def load_model(
     rank: int = 0,
     world_size: int = 1,
     process_group: ProcessGroup | None = None,
-    kernel_backend: str = "torch",
+    kernel_backend: str = "auto",
 ) -> CausalLM:
     """Builds the model of a local HF folder (config.json + *.safetensors) for one rank.
 
