@@ -2,7 +2,9 @@
 
 Each process calls `setup_logging` once at its entry point. Plain output is one line per
 record; `--json-output` gives one JSON object per line with the process, its rank and the
-current OpenTelemetry trace id when a span is active.
+current OpenTelemetry trace and span ids when a span is active (in the router, the request's
+span or a batch step's; in a shard, the RPC's or one of its children, since the step thread
+runs in the RPC's context).
 """
 
 from __future__ import annotations
@@ -30,21 +32,24 @@ class _JsonFormatter(logging.Formatter):
         }
         if self._rank is not None:
             entry["rank"] = self._rank
-        trace_id = _current_trace_id()
-        if trace_id:
-            entry["trace_id"] = trace_id
+        ids = _current_span_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def _current_trace_id() -> str | None:
+def _current_span_ids() -> tuple[str, str] | None:
+    """(trace id, span id) in W3C hex of the active span, or None outside any span."""
     try:
         from opentelemetry import trace
     except ImportError:
         return None
     context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else None
+    if not context.is_valid:
+        return None
+    return format(context.trace_id, "032x"), format(context.span_id, "016x")
 
 
 def setup_logging(process_name: str, *, rank: int | None = None, json_output: bool = False,

@@ -1,14 +1,18 @@
 """OpenTelemetry set-up shared by the router and the shards.
 
-With no endpoint (neither --otlp-endpoint nor the standard OTEL_EXPORTER_OTLP_* variables)
-no provider is installed and the API's no-op tracer is used: spans cost a function call.
-The trace context crosses the gRPC hop as W3C `traceparent` metadata.
+With no endpoint (neither --otlp-endpoint nor the standard OTEL_EXPORTER_OTLP_* variables),
+or with OTEL_SDK_DISABLED=true, no provider is installed: `tracing_enabled()` is False and the
+hot paths skip span work altogether (`optional_span` hands back a shared no-op context, and
+the gRPC client sends no trace metadata). The trace context crosses the gRPC hop as W3C
+`traceparent` metadata. Spans are exported in batches by a BatchSpanProcessor, which honours
+OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_QUEUE_SIZE and OTEL_BSP_MAX_EXPORT_BATCH_SIZE.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlparse
 
 from opentelemetry import context as otel_context
@@ -16,12 +20,20 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.util.types import AttributeValue
 
 _provider: TracerProvider | None = None
+# What `optional_span` hands out while tracing is off: reusable, and its span ignores writes.
+_NO_SPAN: contextlib.nullcontext[trace.Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 
 
 def resolve_endpoint(endpoint: str | None) -> str | None:
-    """The flag wins; else the standard environment variables, read at the entry point."""
+    """The flag wins; else the standard environment variables, read at the entry point.
+
+    None (tracing off) when OTEL_SDK_DISABLED is true, whatever the endpoint.
+    """
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
     return (endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None)
 
@@ -52,16 +64,27 @@ def setup_tracing(service_name: str | None, endpoint: str | None, *,
 
     The service name is --otlp-service-name, else OTEL_SERVICE_NAME, else "shardgen".
     """
-    global _provider
     endpoint = resolve_endpoint(endpoint)
     if endpoint is None:
         return False
     name = service_name or os.environ.get("OTEL_SERVICE_NAME") or "shardgen"
     resource = Resource.create({SERVICE_NAME: name, **(attributes or {})})
-    _provider = TracerProvider(resource=resource)
-    _provider.add_span_processor(BatchSpanProcessor(_exporter(endpoint)))
-    trace.set_tracer_provider(_provider)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(_exporter(endpoint)))
+    use_provider(provider)
     return True
+
+
+def use_provider(provider: TracerProvider) -> None:
+    """Make `provider` the process's tracer provider and turn the traced paths on.
+
+    setup_tracing ends here; tests call it with a provider that exports to memory. The
+    OpenTelemetry API takes one global provider per process, so later calls change nothing.
+    """
+    global _provider
+    if _provider is None:
+        trace.set_tracer_provider(provider)
+        _provider = provider
 
 
 def shutdown_tracing() -> None:
@@ -71,11 +94,34 @@ def shutdown_tracing() -> None:
 
 
 def tracing_enabled() -> bool:
+    """Whether spans are recorded and exported in this process."""
     return _provider is not None
 
 
+def optional_span(tracer: trace.Tracer, name: str, *,
+                  attributes: Mapping[str, AttributeValue] | None = None,
+                  kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+                  context: otel_context.Context | None = None,
+                  links: Sequence[trace.Link] = (),
+                  ) -> contextlib.AbstractContextManager[trace.Span]:
+    """`tracer.start_as_current_span(...)` when tracing is on; else a no-op context whose
+    span (INVALID_SPAN) ignores attributes, so callers need no branch of their own.
+
+    For per-step paths: with tracing off this costs one global lookup, not a span.
+    """
+    if _provider is None:
+        return _NO_SPAN
+    return tracer.start_as_current_span(name, context=context, kind=kind,
+                                        attributes=attributes, links=links)
+
+
 def inject_metadata(ctx: otel_context.Context | None = None) -> list[tuple[str, str]]:
-    """gRPC metadata carrying the trace context of `ctx` (default: the current one)."""
+    """gRPC metadata carrying the trace context of `ctx` (default: the current one).
+
+    Empty when that context holds no valid span (tracing off, or nothing traced here).
+    """
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return []
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=ctx)
     return list(carrier.items())
