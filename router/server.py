@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 
-from shardgen.router import tgi_schema
+from shardgen.common.tracing import tracing_enabled
+from shardgen.router import http_spans, tgi_schema
 from shardgen.router.config import RouterConfig
 from shardgen.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardgen.router.metrics import Metrics
@@ -40,7 +40,6 @@ from shardgen.router.validation import (BodyShapeError, GenerateParameters, Vali
                                         fit_to_limits, parse_generate_body)
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer("shardgen.router")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -137,6 +136,9 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, engine: Engine,
     middlewares = [_error_middleware]
     if config.api_key:
         middlewares.append(_auth_middleware(config.api_key))
+    if tracing_enabled():
+        # Outermost: the request's span covers the other middlewares and sees the status.
+        middlewares.insert(0, http_spans.trace_requests)
     app = web.Application(client_max_size=config.payload_limit, middlewares=middlewares)
     app[STATE] = ServerState(config, tokenizer, engine, info, limits, metrics)
     app.router.add_post("/generate", generate)
@@ -208,6 +210,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         if request.path in _GENERATION_ROUTES and request.method == "POST":
             count_outcome(request.app[STATE].metrics, outcome)
+            http_spans.note_outcome(outcome)
 
 
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -246,28 +249,17 @@ async def prepare(state: ServerState, body: object, timer: RequestTimer) -> Prep
     """Validate and tokenize a TGI /generate body."""
     if not state.accepting:
         raise NotReadyError("the server is shutting down and admits no new requests")
-    inputs, params = parse_generate_body(body, state.limits)
-    input_ids = await state.tokenizer.encode(inputs)
-    input_ids, max_new_tokens = fit_to_limits(input_ids, params, state.limits)
-    request = build_request(input_ids, max_new_tokens, params)
-    # The engine continues the HTTP request's trace on the shards.
+    with http_spans.child("validate"):
+        inputs, params = parse_generate_body(body, state.limits)
+        with http_spans.child("tokenize"):
+            input_ids = await state.tokenizer.encode(inputs)
+        input_ids, max_new_tokens = fit_to_limits(input_ids, params, state.limits)
+        request = build_request(input_ids, max_new_tokens, params)
+    # The engine continues the HTTP request's trace (queue, inference, batch steps, shards).
     request.trace_context = otel_context.get_current()
-    trace.get_current_span().set_attributes({"input_tokens": len(input_ids),
-                                             "max_new_tokens": max_new_tokens})
+    http_spans.note_admitted(len(input_ids), max_new_tokens)
     timer.admitted(len(input_ids))
     return Prepared(inputs, params, request, timer)
-
-
-def _traced(handler: Handler) -> Handler:
-    """Run a generation handler in a server span that continues the caller's trace."""
-    async def traced(request: web.Request) -> web.StreamResponse:
-        with _tracer.start_as_current_span(
-                f"{request.method} {request.path}", kind=trace.SpanKind.SERVER,
-                context=propagate.extract(request.headers)):
-            return await handler(request)
-
-    traced.__doc__ = handler.__doc__
-    return traced
 
 
 def submit(state: ServerState, request: GenerationRequest) -> RequestHandle:
@@ -297,7 +289,6 @@ async def run_to_end(state: ServerState, request: GenerationRequest,
 # ---------------------------------------------------------------- generation routes
 
 
-@_traced
 async def generate(request: web.Request) -> web.StreamResponse:
     """POST /generate: the whole generation in one JSON body."""
     state = request.app[STATE]
@@ -351,7 +342,6 @@ async def _best_of(state: ServerState, prepared: Prepared) -> tuple[Completion, 
     return ranked[0], ranked[1:]
 
 
-@_traced
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """POST /generate_stream: one server-sent event per token, the last with the text."""
     state = request.app[STATE]
@@ -391,7 +381,6 @@ async def _generate_stream(request: web.Request, state: ServerState,
     return await events.finish()
 
 
-@_traced
 async def compat_generate(request: web.Request) -> web.StreamResponse:
     """POST /: TGI's compatibility route; `"stream": true` picks /generate_stream."""
     state = request.app[STATE]
@@ -409,9 +398,7 @@ async def compat_generate(request: web.Request) -> web.StreamResponse:
 def _end_span(stream: TextStream) -> None:
     """Note the outcome of a finished generation on the request's span."""
     assert stream.finish_reason is not None
-    trace.get_current_span().set_attributes({
-        "generated_tokens": stream.generated_tokens,
-        "finish_reason": stream.finish_reason.value})
+    http_spans.note_finished(stream.generated_tokens, stream.finish_reason.value)
 
 
 # ---------------------------------------------------------------- probes and info
