@@ -5,6 +5,9 @@ shards at once (each runs the same step on its slice of the weights) and rank 0'
 the one returned. A call fails as a whole, with a `ShardError` naming the first rank that
 failed and its gRPC status, as soon as any shard fails: the others are not waited for, since
 a shard whose peer died would otherwise block in a collective until the deadline.
+
+Every call carries the caller's trace context (W3C `traceparent`) in its metadata when
+there is one, so each shard's span of the call is a child of the router's span.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TypeVar
 
 import grpc
 
+from shardgen.common.tracing import inject_metadata
 from shardgen.proto import generate_pb2, generate_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -139,8 +143,11 @@ class ShardClient:
     async def _call(self, rank: int, method: str, request: object, timeout_s: float,
                     wait_for_ready: bool = False) -> _Response:
         rpc: Callable[..., Awaitable[_Response]] = getattr(self._stubs[rank], method)
+        # The task runs in a copy of the caller's context: the span current at the call.
+        metadata = inject_metadata() or None
         try:
-            return await rpc(request, timeout=timeout_s, wait_for_ready=wait_for_ready)
+            return await rpc(request, timeout=timeout_s, wait_for_ready=wait_for_ready,
+                             metadata=metadata)
         except grpc.aio.AioRpcError as error:
             raise ShardError(rank, method, error.code(), error.details() or "") from error
 

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING
 
 from shardgen.proto import generate_pb2
 
+from . import engine_spans
 from .client import ShardClient, ShardError, connect_and_warm_up
+from .engine_spans import NO_SPANS, RequestSpans, request_spans, step_span
 from .requests import (FinishReason, GenerationError, GenerationRequest, PrefillEvent,
                        QueueFullError, TokenEvent)
 from .scheduler import (BatchMismatchError, PrefillChunk, Scheduler, SchedulerConfig, Sequence,
@@ -119,6 +121,10 @@ class _Entry:
     request: GenerationRequest
     handle: RequestHandle
     parameters: generate_pb2.NextTokenChooserParameters
+    spans: RequestSpans = NO_SPANS
+    # When the engine took the request, and when its first prefill started (loop clock).
+    submitted: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
     # Prompt logprobs gathered over the chunks of a chunked prefill, sent as one event.
     prefill_ids: list[int] = field(default_factory=list)
     prefill_logprobs: list[float] = field(default_factory=list)
@@ -194,7 +200,8 @@ class Engine:
         self._scheduler.check_fits(len(request.input_ids), request.stopping.max_new_tokens)
         request_id = next(self._request_ids)
         handle = RequestHandle(request_id, self._on_cancel)
-        self._entries[request_id] = _Entry(request, handle, _chooser_parameters(request))
+        self._entries[request_id] = _Entry(request, handle, _chooser_parameters(request),
+                                           request_spans(request.trace_context, request_id))
         self._scheduler.add(Sequence(
             request_id=request_id, token_ids=list(request.input_ids),
             prompt_len=len(request.input_ids), max_new_tokens=request.stopping.max_new_tokens,
@@ -238,7 +245,7 @@ class Engine:
         cancelled, self._cancelled = self._cancelled, []
         for request_id in cancelled:
             self._scheduler.remove(request_id)
-            self._forget(request_id)
+            self._forget(request_id, "cancelled")
 
     async def _step(self) -> bool:
         """Plan and run one step; False when there was nothing to send."""
@@ -280,8 +287,11 @@ class Engine:
             batch_id, self._batch_id = self._batch_id, None
             await self._client.clear_cache(batch_id)
             return
-        batch = await self._client.filter_batch(self._batch_id,
-                                                [seq.request_id for seq in plan.decoding])
+        batch_id, kept = self._batch_id, [seq.request_id for seq in plan.decoding]
+        with step_span("filter", lambda: self._riders(plan.decoding, []),
+                       lambda: {engine_spans.BATCH_ID: batch_id,
+                                engine_spans.BATCH_SIZE: len(kept)}):
+            batch = await self._client.filter_batch(batch_id, kept)
         self._batch_id = batch.id
 
     async def _forward(self, plan: StepPlan) -> tuple[list[generate_pb2.Generation],
@@ -295,18 +305,45 @@ class Engine:
                 raise RuntimeError("running requests but no cached batch on the shards")
             cached = generate_pb2.CachedBatch(
                 id=self._batch_id, request_ids=[seq.request_id for seq in plan.decoding])
+        self._note_scheduled(plan.chunks)
+        method = "prefill" if plan.chunks else "decode"
         started = time.perf_counter()
-        if plan.chunks:
-            batch = generate_pb2.Batch(id=next(self._batch_ids),
-                                       requests=[self._request_proto(c) for c in plan.chunks])
-            response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse = (
-                await self._client.prefill(batch, cached, extensions))
-        else:
-            assert cached is not None
-            response = await self._client.decode([cached], extensions)
+        with step_span(method, lambda: self._riders(plan.decoding, plan.chunks),
+                       lambda: _step_attributes(plan)) as span:
+            if plan.chunks:
+                batch = generate_pb2.Batch(id=next(self._batch_ids),
+                                           requests=[self._request_proto(c) for c in plan.chunks])
+                span.set_attribute(engine_spans.BATCH_ID, batch.id)
+                response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse = (
+                    await self._client.prefill(batch, cached, extensions))
+            else:
+                assert cached is not None
+                response = await self._client.decode([cached], extensions)
+            if span.is_recording():
+                span.set_attributes({engine_spans.FORWARD_NS: response.timings.forward_ns,
+                                     engine_spans.STEP_NS: response.timings.total_ns})
         if self._metrics is not None:
-            self._observe_step("prefill" if plan.chunks else "decode", plan, response, started)
+            self._observe_step(method, plan, response, started)
         return list(response.generations), response.batch if response.HasField("batch") else None
+
+    def _note_scheduled(self, chunks: list[PrefillChunk]) -> None:
+        """The first prefill of these requests starts now: their time in queue ends."""
+        now = time.monotonic()
+        for chunk in chunks:
+            entry = self._entries[chunk.seq.request_id]
+            if entry.scheduled is not None:
+                continue  # a later chunk, or a recomputation after preemption
+            entry.scheduled = now
+            entry.spans.scheduled()
+            if self._metrics is not None:
+                self._metrics.queue_duration.observe(now - entry.submitted)
+
+    def _riders(self, decoding: list[Sequence], chunks: list[PrefillChunk]
+                ) -> list[RequestSpans]:
+        """The spans of the requests riding in a step, in the step's order."""
+        seqs = [*decoding, *(chunk.seq for chunk in chunks)]
+        entries = [self._entries.get(seq.request_id) for seq in seqs]
+        return [entry.spans for entry in entries if entry is not None]
 
     def _observe_step(self, method: str, plan: StepPlan,
                       response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse,
@@ -396,12 +433,17 @@ class Engine:
             self._close(generation.request_id)
 
     def _close(self, request_id: int, error: GenerationError | None = None) -> None:
-        entry = self._forget(request_id)
+        if error is None:
+            entry = self._forget(request_id, "finished")
+        else:
+            entry = self._forget(request_id, "failed", str(error))
         if entry is not None:
             entry.handle._close(error)
 
-    def _forget(self, request_id: int) -> _Entry | None:
+    def _forget(self, request_id: int, end: str, error: str | None = None) -> _Entry | None:
         entry = self._entries.pop(request_id, None)
+        if entry is not None:
+            entry.spans.ended(end, error)
         if not self._entries:
             self._drained.set()
         return entry
@@ -413,6 +455,14 @@ def _outcome(generations: list[generate_pb2.Generation]) -> tuple[dict[int, list
     finished = {g.request_id for g in generations
                 if g.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED}
     return tokens, finished
+
+
+def _step_attributes(plan: StepPlan) -> dict[str, int]:
+    """What a step span says about the step before it runs."""
+    return {engine_spans.BATCH_SIZE: len(plan.decoding) + len(plan.chunks),
+            engine_spans.DECODE_REQUESTS: len(plan.decoding),
+            engine_spans.PREFILL_REQUESTS: len(plan.chunks),
+            engine_spans.PREFILL_TOKENS: sum(chunk.length for chunk in plan.chunks)}
 
 
 def _chooser_parameters(request: GenerationRequest) -> generate_pb2.NextTokenChooserParameters:

@@ -4,11 +4,15 @@ Calls that touch the model or the batch state run one at a time, in arrival orde
 one worker thread: the event loop stays free, so a shallow Health answers at once even
 during a long step. With several ranks, the router sends every call to all of them, and
 each runs the same sequence of steps (their collectives pair up in that order).
+
+With tracing on, every batch RPC runs in a span (shard/rpc_tracing.py) and the step thread
+runs in the RPC's context, so the runner's spans and log lines belong to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import stat
@@ -18,16 +22,15 @@ from importlib import metadata
 from typing import TypeVar
 
 import grpc
-from opentelemetry import trace
 
-from shardgen.common.tracing import extract_metadata
+from shardgen.common.tracing import tracing_enabled
 from shardgen.proto import generate_pb2, generate_pb2_grpc
 from shardgen.shard.config import ShardConfig
 from shardgen.shard.interceptor import ExceptionToStatusInterceptor
+from shardgen.shard.rpc_tracing import TracingInterceptor
 from shardgen.shard.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer("shardgen.shard")
 T = TypeVar("T")
 
 # Prefill requests carry whole prompts and their slots: no 4 MiB cap.
@@ -51,9 +54,12 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-step")
 
     async def _serial(self, function: Callable[..., T], *args: object) -> T:
-        """Run `function` on the step thread, after every call that arrived before."""
+        """Run `function` on the step thread, after every call that arrived before, in a
+        copy of this call's context (its span is the parent of the runner's)."""
+        run = contextvars.copy_context().run
         async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, run,
+                                                                    function, *args)
 
     def close(self) -> None:
         """Stop accepting steps (one that is running finishes on its thread)."""
@@ -100,20 +106,11 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request: generate_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> generate_pb2.PrefillResponse:
-        with _tracer.start_as_current_span(
-                "shard.prefill", context=extract_metadata(context.invocation_metadata()),
-                attributes={"shardgen.rank": self._config.rank,
-                            "shardgen.batch_id": request.batch.id,
-                            "shardgen.new_requests": len(request.batch.requests)}):
-            return await self._serial(self._runner.prefill, request)
+        return await self._serial(self._runner.prefill, request)
 
     async def Decode(self, request: generate_pb2.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> generate_pb2.DecodeResponse:
-        with _tracer.start_as_current_span(
-                "shard.decode", context=extract_metadata(context.invocation_metadata()),
-                attributes={"shardgen.rank": self._config.rank,
-                            "shardgen.batches": len(request.batches)}):
-            return await self._serial(self._runner.decode, request)
+        return await self._serial(self._runner.decode, request)
 
 
 def remove_stale_socket(path: str) -> None:
@@ -129,9 +126,13 @@ def remove_stale_socket(path: str) -> None:
 
 
 async def start_server(servicer: ShardServicer, config: ShardConfig) -> grpc.aio.Server:
-    """Listen on this rank's unix socket with the exception-to-status interceptor."""
+    """Listen on this rank's unix socket with the exception-to-status interceptor (and,
+    outside it, the tracing one when tracing is on)."""
     remove_stale_socket(config.socket_path)
-    server = grpc.aio.server(interceptors=[ExceptionToStatusInterceptor()], options=_CHANNEL_OPTIONS)
+    interceptors: list[grpc.aio.ServerInterceptor] = [ExceptionToStatusInterceptor()]
+    if tracing_enabled():
+        interceptors.insert(0, TracingInterceptor(config.rank))
+    server = grpc.aio.server(interceptors=interceptors, options=_CHANNEL_OPTIONS)
     generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
     server.add_insecure_port(config.address)
     await server.start()
