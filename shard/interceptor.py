@@ -8,6 +8,11 @@ went wrong and the server keeps serving.
 Status codes: the shard's own errors below carry theirs; ValueError (a request the
 router should not have sent) is INVALID_ARGUMENT; running out of memory is
 RESOURCE_EXHAUSTED; anything else is INTERNAL.
+
+Out of memory in a step: the step changed no state (the runner commits only after it
+computed), its tensors are freed with the exception, and the CUDA allocator's cached
+blocks go back to the device, so the router can fail that batch and carry on with
+smaller steps.
 """
 
 from __future__ import annotations
@@ -80,6 +85,14 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
+def _release_memory_of(error: BaseException) -> None:
+    """After an out-of-memory step: drop its frames (and the tensors they hold) with the
+    traceback, then give the CUDA allocator's free cached blocks back to the device."""
+    error.__traceback__ = None
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _guarded(method: str, call: UnaryHandler) -> UnaryHandler:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -92,5 +105,7 @@ def _guarded(method: str, call: UnaryHandler) -> UnaryHandler:
                 logger.warning("%s refused (%s): %s", method, code.name, error)
             else:
                 logger.exception("%s failed (%s): %s", method, code.name, error)
+            if isinstance(error, torch.OutOfMemoryError):
+                _release_memory_of(error)  # after the log line, which prints the traceback
             await context.abort(code, f"{type(error).__name__}: {error}")
     return guarded

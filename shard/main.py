@@ -21,6 +21,7 @@ from shardgen.common.logging import setup_logging
 from shardgen.common.tracing import setup_tracing, shutdown_tracing
 from shardgen.shard.config import ConfigError, ShardConfig, parse_config
 from shardgen.shard.distributed import destroy_distributed, init_distributed
+from shardgen.shard.faults import FaultInjection
 from shardgen.shard.models import load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
 from shardgen.shard.server import ShardServicer, serve_until
@@ -51,27 +52,30 @@ def build_runner(config: ShardConfig) -> ModelRunner:
     return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank)
 
 
-async def run(config: ShardConfig) -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def run(config: ShardConfig, faults: FaultInjection | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; faults: test-only fault injection (shard/faults.py)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runner = build_runner(config)
+    if faults is not None:
+        faults.install(runner)
     await serve_until(stop, ShardServicer(runner, config), config)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = parse_config(argv, os.environ)
-    except ConfigError as error:
+        faults = FaultInjection.from_env(os.environ)
+    except (ConfigError, ValueError) as error:
         print(f"shardgen-shard: error: {error}", file=sys.stderr)
         sys.exit(2)
     setup_logging("shard", rank=config.rank, json_output=config.json_output, level=config.log_level)
     setup_tracing(config.otlp_service_name, config.otlp_endpoint,
                   attributes={"shardgen.rank": config.rank})
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, faults))
     finally:
         shutdown_tracing()
         destroy_distributed()
