@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from opentelemetry import trace
 
+from shardgen.common.tracing import optional_span
 from shardgen.proto import generate_pb2
 from shardgen.shard.batch import CacheLimits, DecodeBatch, NewSequence, StepInputs, build_step
 from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy
@@ -43,6 +45,8 @@ from shardgen.shard.transfers import HostCopy, PinnedUpload
 from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
 
 logger = logging.getLogger(__name__)
+# A step's spans (children of the RPC's span; no-ops with tracing off): see _step.
+_tracer = trace.get_tracer("shardgen.shard")
 
 
 @dataclass(frozen=True)
@@ -296,16 +300,27 @@ class ModelRunner:
     def _step(self, cache: PagedKVCache, limits: CacheLimits, running: list[DecodeBatch],
               new: list[NewSequence], extensions: Sequence[generate_pb2.BlockTableExtension],
               batch_id: int) -> StepOutput:
-        """Check and lay out, compute, then commit one step."""
-        extended = _extend(running, extensions, limits)
-        decoding = DecodeBatch.concat(batch_id, extended) if extended else None
-        finishing = [s for s in new if s.finishes_prompt]
-        parts = ([decoding] if decoding is not None else []) + (
-            [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
-            if finishing else [])
-        sampled = DecodeBatch.concat(batch_id, parts) if parts else None
-        inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
-                            upload=self._upload)
+        """Check and lay out, compute, then commit one step.
+
+        Spans: `kv_write` lays out where the step's keys and values go (the router's block
+        extensions applied, each new token's slot computed, the slot mapping sent to the
+        device; the element writes run in each attention layer, inside `forward`), then
+        `forward` and `sampling` (in _compute).
+        """
+        with optional_span(_tracer, "kv_write") as span:
+            extended = _extend(running, extensions, limits)
+            decoding = DecodeBatch.concat(batch_id, extended) if extended else None
+            finishing = [s for s in new if s.finishes_prompt]
+            parts = ([decoding] if decoding is not None else []) + (
+                [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
+                if finishing else [])
+            sampled = DecodeBatch.concat(batch_id, parts) if parts else None
+            inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
+                                upload=self._upload)
+            if span.is_recording():
+                span.set_attributes({
+                    "shardgen.kv.slots": int(inputs.attn.slot_mapping.shape[0]),
+                    "shardgen.kv.blocks_extended": sum(len(e.blocks) for e in extensions)})
         forward_started = time.perf_counter_ns()
         hidden, picked = self._compute(cache, inputs, sampled)
         # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
@@ -345,17 +360,29 @@ class ModelRunner:
     def _compute(self, cache: PagedKVCache, inputs: StepInputs, sampled: DecodeBatch | None
                  ) -> tuple[torch.Tensor, SampleOutput | None]:
         """The forward pass (a graph replay when the step fits one), and the pick of the
-        rows that sample."""
+        rows that sample.
+
+        Spans: `forward` (the model and the logits of the sampling rows) and `sampling`.
+        On CUDA both time the host's launch of the work; the RPC's span ends after the
+        results reach the host.
+        """
         bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
-        if bucket is not None and self.graphs is not None and sampled is not None:
-            hidden, logits = self.graphs.replay(inputs, bucket)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
-            if sampled is None:
-                return hidden, None
-            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
-        picked = sample(logits, sampled.sampling, inputs.draw_index, inputs.previous_tokens,
-                        top_n=max(sampled.top_n_tokens))
+        with optional_span(_tracer, "forward") as span:
+            if span.is_recording():
+                span.set_attributes({"shardgen.tokens": int(inputs.input_ids.shape[0]),
+                                     "shardgen.cuda_graph": bucket is not None})
+            if bucket is not None and self.graphs is not None and sampled is not None:
+                hidden, logits = self.graphs.replay(inputs, bucket)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
+                if sampled is None:
+                    return hidden, None
+                logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
+        with optional_span(_tracer, "sampling") as span:
+            if span.is_recording():
+                span.set_attribute("shardgen.batch.size", len(sampled))
+            picked = sample(logits, sampled.sampling, inputs.draw_index, inputs.previous_tokens,
+                            top_n=max(sampled.top_n_tokens))
         return hidden, picked
 
 

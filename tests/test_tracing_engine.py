@@ -3,7 +3,8 @@
 Requests carry the context of a "client" span, as the HTTP layer hands it over. The test
 checks each request's queue and inference spans, the prefill/decode/filter step spans
 (parent: the first rider's inference span; links: every rider's), and that the shard's
-span of each RPC is the child of the step that sent it, with the runner's spans under it.
+span of each RPC is the child of the step that sent it, with the runner's kv_write,
+forward and sampling spans under it.
 It also checks the queue-time histogram that the engine records.
 """
 
@@ -24,8 +25,10 @@ from shardgen.router.block_manager import BlockManager
 from shardgen.router.client import connect_and_warm_up
 from shardgen.router.engine import Engine, RequestHandle, SchedulerConfig
 from shardgen.router.metrics import Metrics
+from shardgen.common import tracing
 from shardgen.router.requests import GenerationRequest, SamplingParams, StoppingParams
 from shardgen.shard import rpc_tracing
+from test_engine_loop import serving
 from tracing_capture import capture_spans, is_child, named
 
 pytestmark = [pytest.mark.timeout(120),
@@ -126,9 +129,35 @@ def test_request_step_and_shard_spans_form_one_tree_per_request() -> None:
         assert rpc.kind == SpanKind.SERVER
         assert (rpc.attributes or {})[rpc_tracing.RANK] == 0
     (prefill_rpc,) = _children(spans, prefill, f"{SERVICE}/Prefill")
-    assert (prefill_rpc.attributes or {})[rpc_tracing.TOKENS] == sum(map(len, PROMPTS.values()))
+    prompt_tokens = sum(map(len, PROMPTS.values()))
+    assert (prefill_rpc.attributes or {})[rpc_tracing.TOKENS] == prompt_tokens
     assert (prefill_rpc.attributes or {})[rpc_tracing.BATCH_SIZE] == 3
+    # The runner's spans, on the step thread, under the RPC's span.
+    (kv_write,) = _children(spans, prefill_rpc, "kv_write")
+    (forward,) = _children(spans, prefill_rpc, "forward")
+    (sampling,) = _children(spans, prefill_rpc, "sampling")
+    assert kv_write.end_time <= forward.start_time and forward.end_time <= sampling.start_time
+    assert (kv_write.attributes or {})["shardgen.kv.slots"] == prompt_tokens
+    assert (forward.attributes or {})["shardgen.tokens"] == prompt_tokens
+    assert (sampling.attributes or {})["shardgen.batch.size"] == 3
+    (decode_rpc, *_) = _children(spans, decodes[0], f"{SERVICE}/Decode")
+    assert (_children(spans, decode_rpc, "forward")[0].attributes or {})["shardgen.tokens"] in (2, 3)
 
     queued = {s.name: s.value for family in text_string_to_metric_families(metrics.render().decode())
               for s in family.samples}
     assert queued["shardgen_request_queue_duration_seconds_count"] == 3
+
+
+def test_with_tracing_off_the_engine_records_nothing(tmp_path, monkeypatch) -> None:
+    exporter = capture_spans()
+    monkeypatch.setattr(tracing, "_provider", None)  # as in a process without an endpoint
+    parent = trace.get_tracer("test-client").start_span("client")
+
+    async def main() -> int:
+        async with serving(tmp_path) as served:
+            handle = served.engine.submit(_request([3, 4, 5, 6], 4, parent))
+            return await _drain(handle)
+
+    assert asyncio.run(main()) == 4
+    parent.end()
+    assert [span.name for span in exporter.get_finished_spans()] == ["client"]
