@@ -35,6 +35,8 @@ ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--payload-limit", help="Largest HTTP body in bytes."),
     ForwardedFlag("--disable-prefix-caching", is_switch=True, help="Do not reuse KV blocks across requests."),
     ForwardedFlag("--api-key", type=str, help="Require this Bearer token on every API route."),
+    ForwardedFlag("--request-timeout", type=float, help="Seconds a generation request may take (504 past it)."),
+    ForwardedFlag("--parse-special-tokens", is_switch=True, help="Parse special-token strings in `inputs` as the special tokens (TGI's behaviour)."),
     ForwardedFlag("--otlp-endpoint", type=str, help="OTLP traces endpoint (gRPC host:port or http(s)://…/v1/traces)."),
     ForwardedFlag("--otlp-service-name", type=str, help="Service name of the traces."),
 )

@@ -56,6 +56,12 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     # Seconds that running requests get to finish after SIGTERM/SIGINT.
     drain_timeout_s: float = 30.0
+    # Longest time a generation request may take from its arrival (None: no limit); a
+    # request may ask for less with the x-request-timeout header.
+    request_timeout_s: float | None = None
+    # Parse special-token strings in `inputs` as the special tokens (TGI's behaviour);
+    # False encodes them as plain text, so a prompt cannot forge control tokens.
+    parse_special_tokens: bool = False
     # Bearer token every API route requires; None leaves the API open.
     api_key: str | None = None
     otlp_endpoint: str | None = None
@@ -83,6 +89,13 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < float("inf"):  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -137,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body in bytes")
     p.add_argument("--drain-timeout", type=_non_negative_float, default=defaults.drain_timeout_s,
                    help="seconds running requests get to finish on SIGTERM/SIGINT")
+    p.add_argument("--request-timeout", type=_positive_float, default=None,
+                   help="seconds a generation request may take from its arrival; longer ones "
+                        "end with 504 (default: no limit; the x-request-timeout header may "
+                        "ask for less)")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="tokenize special-token strings written in `inputs` (e.g. </s>) as "
+                        "the special tokens, as TGI does (default: as plain text)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every API route")
     p.add_argument("--otlp-endpoint", default=None, help="OTLP traces endpoint")
@@ -180,6 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         default_max_new_tokens=args.default_max_new_tokens,
         payload_limit=args.payload_limit,
         drain_timeout_s=args.drain_timeout,
+        request_timeout_s=args.request_timeout,
+        parse_special_tokens=args.parse_special_tokens,
         api_key=args.api_key,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,

@@ -7,7 +7,9 @@ Decode, and pushes what came back into the handles. The shards keep a single cac
 between steps.
 
 A step the shards fail fails the requests of that step only (GenerationError, HTTP 424): their
-blocks are freed, the shards' cache is cleared, and the loop goes on with the queue.
+blocks are freed, the shards' cache is cleared, and the loop goes on with the queue. When the
+step ran out of device memory (RESOURCE_EXHAUSTED), the next steps also get a smaller prefill
+budget. A request that passes its deadline fails with RequestTimeoutError (HTTP 504).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import grpc
+
 from shardgen.proto import generate_pb2
 
 from . import engine_spans
 from .client import ShardClient, ShardError, connect_and_warm_up
 from .engine_spans import NO_SPANS, RequestSpans, request_spans, step_span
 from .requests import (FinishReason, GenerationError, GenerationRequest, PrefillEvent,
-                       QueueFullError, TokenEvent)
+                       QueueFullError, RequestTimeoutError, TokenEvent)
 from .scheduler import (BatchMismatchError, PrefillChunk, Scheduler, SchedulerConfig, Sequence,
                         StepPlan, slot_range)
 
@@ -249,9 +253,10 @@ class Engine:
 
     async def _step(self) -> bool:
         """Plan and run one step; False when there was nothing to send."""
-        plan = self._scheduler.schedule(time.monotonic())
+        now = time.monotonic()
+        plan = self._scheduler.schedule(now)
         for seq, reason in plan.failed:
-            self._close(seq.request_id, GenerationError(reason))
+            self._close(seq.request_id, _failure(seq, reason, now))
         for seq in plan.preempted:
             entry = self._entries[seq.request_id]
             entry.prefill_ids.clear()
@@ -385,6 +390,11 @@ class Engine:
                      len(plan.decoding) + len(plan.chunks), error)
         for seq in self._scheduler.abort_step(plan):
             self._close(seq.request_id, GenerationError(f"generation failed: {error}"))
+        if isinstance(error, ShardError) and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            before = self._scheduler.prefill_budget
+            logger.warning("a shard ran out of memory: prefill budget cut from %d to %d tokens "
+                           "per step until steps succeed again", before,
+                           self._scheduler.out_of_memory())
         self._batch_id = None
         await self._clear_shard_cache()
 
@@ -447,6 +457,14 @@ class Engine:
         if not self._entries:
             self._drained.set()
         return entry
+
+
+def _failure(seq: Sequence, reason: str, now: float) -> GenerationError:
+    """The error of a request the scheduler failed: it passed its deadline (the scheduler
+    checks deadlines first), or it can never fit the KV cache."""
+    if seq.deadline is not None and now >= seq.deadline:
+        return RequestTimeoutError(reason)
+    return GenerationError(reason)
 
 
 def _outcome(generations: list[generate_pb2.Generation]) -> tuple[dict[int, list[int]], set[int]]:

@@ -84,6 +84,15 @@ class TokenEvent:
 class GenerationError(Exception):
     """Generation failed on the shards; the HTTP layer answers 424."""
 
+    # The `error_type` of the JSON error (or of the error event of a started stream).
+    error_type = "generation"
+
+
+class RequestTimeoutError(GenerationError):
+    """The request passed its deadline before it finished; the HTTP layer answers 504."""
+
+    error_type = "timeout"
+
 
 class QueueFullError(Exception):
     """The engine holds --max-concurrent-requests already; the HTTP layer answers 429."""

@@ -16,6 +16,9 @@ Every request has a token count (prompt plus tokens generated so far) and a comp
 When KV blocks run out while the running requests grow, the newest holders are preempted: they
 give their blocks back and return to the front of the queue, to be recomputed later from their
 prompt plus what they generated.
+
+When a step runs out of device memory, the engine tells `out_of_memory()`: the prompt tokens
+of the next steps are cut (halved, then grown back as steps succeed; see prefill_budget.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .prefill_budget import PrefillBudget
 
 if TYPE_CHECKING:
     from .block_manager import BlockManager
@@ -186,8 +191,16 @@ class Scheduler:
         self._batch_changed = False
         # Steps since a new request last joined (TGI's waiting_tokens).
         self._steps_since_admission = 0
+        # No smaller than a block: a prompt chunked finer would gain little memory.
+        self._prefill_budget = PrefillBudget(config.max_batch_prefill_tokens,
+                                             floor=self._block_size)
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens the next step may compute (cut after an out-of-memory step)."""
+        return self._prefill_budget.current
 
     @property
     def num_waiting(self) -> int:
@@ -299,6 +312,7 @@ class Scheduler:
         for seq in done:
             # Already out of both lists: the shards dropped it from their batch.
             self._blocks.free(seq.request_id)
+        self._prefill_budget.step_succeeded()
         return done
 
     @staticmethod
@@ -315,6 +329,10 @@ class Scheduler:
         if set(batch_ids) != still_running or len(batch_ids) != len(still_running):
             raise BatchMismatchError(
                 f"the shards' batch holds {sorted(batch_ids)}, expected {sorted(still_running)}")
+
+    def out_of_memory(self) -> int:
+        """A step ran out of device memory: cut the prefill budget; returns the new one."""
+        return self._prefill_budget.out_of_memory()
 
     def abort_step(self, plan: StepPlan) -> list[Sequence]:
         """The shards failed the step: forget its requests and free their blocks.
@@ -373,7 +391,7 @@ class Scheduler:
         plan.preempted.append(seq)
 
     def _continue_prefills(self, plan: StepPlan) -> None:
-        budget = self._config.max_batch_prefill_tokens
+        budget = self._prefill_budget.current
         for seq in self._prefilling:
             if budget == 0 or not self._has_room(plan):
                 return
@@ -383,7 +401,7 @@ class Scheduler:
 
     def _admit(self, plan: StepPlan) -> None:
         """Start waiting requests in FIFO order while budgets and blocks allow."""
-        budget = self._config.max_batch_prefill_tokens - sum(c.length for c in plan.chunks)
+        budget = self._prefill_budget.current - sum(c.length for c in plan.chunks)
         if not self._waiting or budget <= 0:
             return
         wanted = self._min_new_requests()

@@ -7,7 +7,8 @@ into text (`TextStream`) and answer with one JSON body or a stream of server-sen
 
 Errors are JSON `{"error": message, "error_type": kind}`: 400 for a malformed body, 413 for
 one over --payload-limit, 422 for a bad parameter or a prompt that does not fit, 429 when
-the engine is full, 424 when generation failed on the shards, 503 while shutting down.
+the engine is full, 424 when generation failed on the shards, 503 while shutting down,
+504 when a request passed its deadline (shardgen.router.deadlines).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from opentelemetry import context as otel_context
 from shardgen.common.tracing import tracing_enabled
 from shardgen.router import http_spans, tgi_schema
 from shardgen.router.config import RouterConfig
+from shardgen.router.deadlines import apply_deadline, deadline_middleware
 from shardgen.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardgen.router.metrics import Metrics
 from shardgen.router.request_metrics import RequestTimer, count_outcome
-from shardgen.router.requests import GenerationError, GenerationRequest, QueueFullError
+from shardgen.router.requests import (GenerationError, GenerationRequest, QueueFullError,
+                                      RequestTimeoutError)
 from shardgen.router.sse import EventStream
 from shardgen.router.token_stream import RequestHandle, TextStream, TextToken
 from shardgen.router.tokenization import Tokenizer
@@ -136,6 +139,7 @@ def create_app(config: RouterConfig, tokenizer: Tokenizer, engine: Engine,
     middlewares = [_error_middleware]
     if config.api_key:
         middlewares.append(_auth_middleware(config.api_key))
+    middlewares.append(deadline_middleware(config.request_timeout_s))
     if tracing_enabled():
         # Outermost: the request's span covers the other middlewares and sees the status.
         middlewares.insert(0, http_spans.trace_requests)
@@ -180,9 +184,11 @@ def _classify(request: web.Request, error: Exception) -> tuple[int, str, str] | 
         return 503, str(error), "unavailable"
     if isinstance(error, QueueFullError):
         return 429, str(error) or "the server is overloaded", "overloaded"
+    if isinstance(error, RequestTimeoutError):
+        return 504, str(error), error.error_type
     if isinstance(error, GenerationError):
         logger.warning("generation failed: %s", error)
-        return 424, str(error), "generation"
+        return 424, str(error), error.error_type
     if isinstance(error, web.HTTPRequestEntityTooLarge):
         return 413, (f"the body is larger than the payload limit of "
                      f"{state.config.payload_limit} bytes (--payload-limit): {error.text}"
@@ -218,12 +224,12 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 def _auth_middleware(api_key: str) -> Middleware:
     """Refuse (401) requests without `Authorization: Bearer <api_key>`, probes aside."""
-    expected = f"Bearer {api_key}".encode()
+    expected = _header_bytes(f"Bearer {api_key}")
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN_ROUTES:
-            given = request.headers.get("Authorization", "").encode()
+            given = _header_bytes(request.headers.get("Authorization", ""))
             # Constant-time comparison: the answer time must not leak the key.
             if not hmac.compare_digest(given, expected):
                 raise UnauthorizedError("missing or wrong API key: send "
@@ -231,6 +237,12 @@ def _auth_middleware(api_key: str) -> Middleware:
         return await handler(request)
 
     return check_api_key
+
+
+def _header_bytes(value: str) -> bytes:
+    """A header value as bytes for a comparison; surrogates (bytes that were not UTF-8)
+    are kept distinct instead of failing the encode."""
+    return value.encode("utf-8", "surrogatepass")
 
 
 # ---------------------------------------------------------------- shared steps
@@ -241,8 +253,11 @@ async def _read_json(request: web.Request) -> object:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # not JSON, not UTF-8, or an integer of over 4300 digits
         raise BodyShapeError(f"the body is not valid JSON: {error}") from error
+    except RecursionError:
+        raise BodyShapeError("the body is not valid JSON: its arrays or objects are nested "
+                             "too deeply") from None
 
 
 async def prepare(state: ServerState, body: object, timer: RequestTimer) -> Prepared:
@@ -252,7 +267,8 @@ async def prepare(state: ServerState, body: object, timer: RequestTimer) -> Prep
     with http_spans.child("validate"):
         inputs, params = parse_generate_body(body, state.limits)
         with http_spans.child("tokenize"):
-            input_ids = await state.tokenizer.encode(inputs)
+            input_ids = await state.tokenizer.encode(
+                inputs, parse_special_tokens=state.config.parse_special_tokens)
         input_ids, max_new_tokens = fit_to_limits(input_ids, params, state.limits)
         request = build_request(input_ids, max_new_tokens, params)
     # The engine continues the HTTP request's trace (queue, inference, batch steps, shards).
@@ -263,9 +279,12 @@ async def prepare(state: ServerState, body: object, timer: RequestTimer) -> Prep
 
 
 def submit(state: ServerState, request: GenerationRequest) -> RequestHandle:
-    """Hand a request to the engine; a prompt that can never fit its KV budget is a 422."""
+    """Hand a request to the engine; a prompt that can never fit its KV budget is a 422.
+
+    The request takes the HTTP request's deadline (shardgen.router.deadlines).
+    """
     try:
-        return state.engine.submit(request)
+        return state.engine.submit(apply_deadline(request))
     except QueueFullError:
         raise
     except ValueError as error:
@@ -368,10 +387,10 @@ async def _generate_stream(request: web.Request, state: ServerState,
                 seed=params.reported_seed, input_length=input_length))
     except GenerationError as error:
         if not events.started:
-            raise  # still time to answer 424
+            raise  # still time to answer 424 (504 for a deadline)
         logger.warning("generation failed mid-stream: %s", error)
-        request[_OUTCOME] = "generation"
-        await events.send({"error": str(error), "error_type": "generation"})
+        request[_OUTCOME] = error.error_type
+        await events.send({"error": str(error), "error_type": error.error_type})
     finally:
         # Also when the client went away: a write raised, or aiohttp cancelled this task.
         stream.close()

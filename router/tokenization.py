@@ -5,11 +5,19 @@ the tokenizer adds it by default), so that the server sees the ids transformers'
 `generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on one
 worker thread so that the event loop keeps streaming tokens meanwhile. Short prompts are
 encoded inline, where a thread hop would cost more than the encode.
+
+Special tokens written in the text ("</s>", "<|im_end|>") are parsed as those tokens by
+default, as transformers and TGI do; text that a client wrote and that must not be able
+to forge control tokens is encoded with `parse_special_tokens=False`, which keeps such
+strings as plain text. Each mode has its own copy of the tokenizer: transformers switches
+the mode by mutating the tokenizer, which two threads encoding at once would race on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ class Tokenizer:
         # One thread: encodes of one tokenizer object are never concurrent with each other.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self.special_ids: frozenset[int] = _special_token_ids(hf_tokenizer)
+        self._hf_literal = _literal_special_tokens(hf_tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -36,21 +45,27 @@ class Tokenizer:
 
         return cls(AutoTokenizer.from_pretrained(str(path)))
 
-    def encode_sync(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode_sync(self, text: str, add_special_tokens: bool = True, *,
+                    parse_special_tokens: bool = True) -> list[int]:
         """Token ids of text, special tokens (BOS) added as the tokenizer does by default.
 
         add_special_tokens=False encodes text that already holds them (a rendered chat
-        template starts with its own BOS).
+        template starts with its own BOS). parse_special_tokens=False encodes the strings
+        of special tokens found in text as plain text, never as the special ids.
         """
-        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+        hf = self.hf if parse_special_tokens else self._hf_literal
+        return list(hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True, *,
+                     parse_special_tokens: bool = True) -> list[int]:
         """Like `encode_sync`, on the worker thread when text is long."""
         if len(text) <= self._inline_max:
-            return self.encode_sync(text, add_special_tokens)
+            return self.encode_sync(text, add_special_tokens,
+                                    parse_special_tokens=parse_special_tokens)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.encode_sync, text,
-                                          add_special_tokens)
+        return await loop.run_in_executor(
+            self._executor, functools.partial(self.encode_sync, text, add_special_tokens,
+                                              parse_special_tokens=parse_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids (the `Decoder` that IncrementalDetokenizer needs)."""
@@ -71,3 +86,10 @@ def _special_token_ids(hf_tokenizer: Any) -> frozenset[int]:
     added = getattr(hf_tokenizer, "added_tokens_decoder", {}) or {}
     ids.update(token_id for token_id, token in added.items() if getattr(token, "special", False))
     return frozenset(ids)
+
+
+def _literal_special_tokens(hf_tokenizer: Any) -> Any:
+    """A copy of the tokenizer that encodes special-token strings as plain text."""
+    literal = copy.deepcopy(hf_tokenizer)
+    literal.split_special_tokens = True
+    return literal

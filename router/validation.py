@@ -85,35 +85,66 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+# Error messages quote the offending value up to this many characters: a body of megabytes
+# must not come back whole in its error.
+_QUOTED_CHARS = 100
+
+
+def _quoted(value: object) -> str:
+    text = repr(value)
+    if len(text) <= _QUOTED_CHARS:
+        return text
+    return f"{text[:_QUOTED_CHARS]}... ({len(text)} characters)"
+
+
 def _as_float(name: str, value: object) -> float:
     # bool is an int in Python, but `true` is not a number in JSON.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(f"`{name}` must be a number, got {_type_name(value)} {value!r}")
-    if not math.isfinite(value):
-        raise ValidationError(f"`{name}` must be a finite number, got {value!r}")
-    return float(value)
+        raise ValidationError(f"`{name}` must be a number, got {_type_name(value)} "
+                              f"{_quoted(value)}")
+    try:
+        number = float(value)  # an integer of hundreds of digits does not fit a float
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValidationError(f"`{name}` must be a finite number, got {_quoted(value)}")
+    return number
 
 
 def _as_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(f"`{name}` must be an integer, got {_type_name(value)} {value!r}")
+        raise ValidationError(f"`{name}` must be an integer, got {_type_name(value)} "
+                              f"{_quoted(value)}")
     return value
 
 
 def _as_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ValidationError(f"`{name}` must be true or false, got {_type_name(value)} {value!r}")
+        raise ValidationError(f"`{name}` must be true or false, got {_type_name(value)} "
+                              f"{_quoted(value)}")
     return value
 
 
 def _as_str_list(name: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ValidationError(f"`{name}` must be a list of strings, got {value!r}")
+        raise ValidationError(f"`{name}` must be a list of strings, got {_quoted(value)}")
+    for item in value:
+        _check_unicode(name, item)
     return tuple(value)
 
 
+def _check_unicode(name: str, text: str) -> None:
+    """JSON escapes can spell lone surrogates (\\ud800), which are no Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValidationError(f"`{name}` is not valid Unicode: {error.reason} "
+                              f"{text[error.start:error.end]!r} at character {error.start}"
+                              ) from None
+
+
 def _must_be_null(name: str, value: object) -> None:
-    raise ValidationError(f"`{name}` is not supported by this server (got {value!r})")
+    raise ValidationError(f"`{name}` is not supported by this server (got {_quoted(value)})")
 
 
 # Every parameter TGI's /generate accepts (plus `min_p`, `presence_penalty` and `ignore_eos`),
@@ -293,23 +324,33 @@ def parse_parameters(raw: object, limits: ValidationLimits,
     )
 
 
+# The top-level fields of a /generate body (`stream` picks the route on `/`).
+_BODY_FIELDS = frozenset({"inputs", "parameters", "stream"})
+
+
 def parse_generate_body(body: object, limits: ValidationLimits,
                         rng: random.Random | None = None) -> tuple[str, GenerateParameters]:
     """Validate a TGI /generate body `{"inputs": str, "parameters": {...}}`.
 
-    Unknown top-level fields are ignored (TGI's `/` route adds `stream`); unknown fields
-    inside `parameters` are rejected.
+    Unknown fields are rejected, at the top level (where TGI's `/` route and its clients
+    add `stream`) as inside `parameters`: a misspelt field must not be silently ignored.
     """
     if not isinstance(body, Mapping):
         raise BodyShapeError(f"the body must be a JSON object with `inputs`, "
                              f"got {_type_name(body)}")
     if "inputs" not in body:
         raise BodyShapeError("the body must have an `inputs` field (the prompt)")
+    unknown = sorted(set(body) - _BODY_FIELDS)
+    if unknown:
+        raise ValidationError(f"unknown field(s) {', '.join(f'`{n}`' for n in unknown)} in the "
+                              f"body; known fields: {', '.join(sorted(_BODY_FIELDS))}")
     inputs = body["inputs"]
     if not isinstance(inputs, str):
-        raise BodyShapeError(f"`inputs` must be a string, got {_type_name(inputs)} {inputs!r}")
+        raise BodyShapeError(f"`inputs` must be a string, got {_type_name(inputs)} "
+                             f"{_quoted(inputs)}")
     if not inputs:
         raise ValidationError("`inputs` must not be empty")
+    _check_unicode("inputs", inputs)
     return inputs, parse_parameters(body.get("parameters"), limits, rng)
 
 
