@@ -24,11 +24,11 @@ from aiohttp import web
 from shardgen.common.logging import setup_logging
 from shardgen.common.tracing import setup_tracing, shutdown_tracing
 from shardgen.proto import generate_pb2
+from shardgen.router.api import build_app
 from shardgen.router.config import ConfigError, RouterConfig, parse_args, resolve_limits
 from shardgen.router.kv_events import KVEventHub
-from shardgen.router.kv_events_api import add_kv_events_route
 from shardgen.router.metrics import Metrics
-from shardgen.router.server import ModelInfo, create_app, stop_accepting
+from shardgen.router.server import ModelInfo, stop_accepting
 from shardgen.router.tokenization import Tokenizer
 
 logger = logging.getLogger("shardgen.router")
@@ -147,8 +147,7 @@ async def serve(config: RouterConfig) -> int:
         logger.info("stopped during start-up")
         return 0
     client, engine, tokenizer, resolved, info = started
-    app = create_app(resolved, tokenizer, engine, info, metrics=metrics)
-    add_kv_events_route(app, kv_events)
+    app = build_app(resolved, tokenizer, engine, info, metrics=metrics, kv_events=kv_events)
     # handler_cancellation: a client that goes away cancels its handler, which cancels
     # its engine request, instead of generating for nobody.
     # Once the engine has drained, handlers only write their last bytes: a short grace.

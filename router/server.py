@@ -7,8 +7,9 @@ into text (`TextStream`) and answer with one JSON body or a stream of server-sen
 
 Errors are JSON `{"error": message, "error_type": kind}`: 400 for a malformed body, 413 for
 one over --payload-limit, 422 for a bad parameter or a prompt that does not fit, 429 when
-the engine is full, 424 when generation failed on the shards, 503 while shutting down,
-504 when a request passed its deadline (shardgen.router.deadlines).
+the engine is full, 424 when generation failed on the shards, 499 when it was cancelled
+(DELETE /v1/requests/{id}, router/request_registry.py), 503 while shutting down, 504 when
+a request passed its deadline (shardgen.router.deadlines).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from shardgen.router.deadlines import apply_deadline, deadline_middleware
 from shardgen.router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from shardgen.router.metrics import Metrics
 from shardgen.router.request_metrics import RequestTimer, count_outcome
+from shardgen.router.request_registry import RequestCancelledError
 from shardgen.router.requests import (GenerationError, GenerationRequest, QueueFullError,
                                       RequestTimeoutError)
 from shardgen.router.sse import EventStream
@@ -49,7 +51,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Routes that answer without the API key: orchestrator probes and the metrics scrape.
 _OPEN_ROUTES = frozenset({"/health", "/ready", "/metrics"})
 # Routes whose outcomes the request counter counts.
-_GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/"})
+_GENERATION_ROUTES = frozenset({"/generate", "/generate_stream", "/", "/v1/chat/completions",
+                                "/v1/completions"})
 # A handler that answered 200 but failed later (mid-stream) records its outcome here
 # (typed request keys arrived in aiohttp 3.13; older ones take the plain string).
 _OUTCOME: Any = (web.RequestKey("shardgen_outcome", str) if hasattr(web, "RequestKey")
@@ -186,6 +189,8 @@ def _classify(request: web.Request, error: Exception) -> tuple[int, str, str] | 
         return 429, str(error) or "the server is overloaded", "overloaded"
     if isinstance(error, RequestTimeoutError):
         return 504, str(error), error.error_type
+    if isinstance(error, RequestCancelledError):  # DELETE /v1/requests/{id}
+        return 499, str(error), error.error_type
     if isinstance(error, GenerationError):
         logger.warning("generation failed: %s", error)
         return 424, str(error), error.error_type

@@ -67,6 +67,24 @@ class Tokenizer:
             self._executor, functools.partial(self.encode_sync, text, add_special_tokens,
                                               parse_special_tokens=parse_special_tokens))
 
+    def offsets_sync(self, text: str, *, parse_special_tokens: bool = True
+                     ) -> list[tuple[int, int, int]]:
+        """(id, start, stop) of every token of text as `encode_sync(text)` encodes it: the
+        characters text[start:stop] that it covers (an empty span for an added BOS)."""
+        hf = self.hf if parse_special_tokens else self._hf_literal
+        encoding = hf(text, add_special_tokens=True, return_offsets_mapping=True)
+        return [(token_id, start, stop) for token_id, (start, stop)
+                in zip(encoding["input_ids"], encoding["offset_mapping"])]
+
+    async def offsets(self, text: str, *, parse_special_tokens: bool = True
+                      ) -> list[tuple[int, int, int]]:
+        """Like `offsets_sync`, on the worker thread when text is long."""
+        call = functools.partial(self.offsets_sync, text,
+                                 parse_special_tokens=parse_special_tokens)
+        if len(text) <= self._inline_max:
+            return call()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids (the `Decoder` that IncrementalDetokenizer needs)."""
         return str(self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens))
