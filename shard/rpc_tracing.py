@@ -4,7 +4,8 @@
 span carries the error, and the log line the other interceptor writes carries the trace
 id. The server installs it only when tracing is on: with tracing off, an RPC costs
 nothing more. The control RPCs (Health, Info, ServiceDiscovery) get no span: the
-launcher's and the router's readiness polls would bury the steps.
+launcher's and the router's readiness polls would bury the steps. ClearCache gets one
+only as part of a trace (the router clears the cache of an emptied batch outside any).
 
 Each span is named after the RPC (`shardgen.v1.TextGenerationService/Prefill`) and says
 what the router asked for: the batch id, its size (requests) and the tokens computed.
@@ -27,6 +28,8 @@ from shardgen.proto import generate_pb2
 _tracer = trace.get_tracer("shardgen.shard")
 
 UNTRACED_METHODS = frozenset({"Health", "Info", "ServiceDiscovery"})
+# Traced only when the caller sent a trace context.
+PARENTED_ONLY_METHODS = frozenset({"ClearCache"})
 
 # Attribute names (rpc.* from OpenTelemetry's RPC semantic conventions).
 RPC_SYSTEM = "rpc.system"
@@ -98,17 +101,20 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         attributes = {RPC_SYSTEM: "grpc", RPC_SERVICE: service, RPC_METHOD: method,
                       RANK: self._rank}
         return grpc.unary_unary_rpc_method_handler(
-            _traced(full_name, attributes, _DESCRIBE.get(method), handler.unary_unary),
+            _traced(full_name, attributes, _DESCRIBE.get(method), handler.unary_unary,
+                    parented_only=method in PARENTED_ONLY_METHODS),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 
 def _traced(name: str, attributes: Mapping[str, AttributeValue], describe: Describe | None,
-            call: UnaryHandler) -> UnaryHandler:
+            call: UnaryHandler, *, parented_only: bool) -> UnaryHandler:
     async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with _tracer.start_as_current_span(
-                name, kind=trace.SpanKind.SERVER, attributes=attributes,
-                context=extract_metadata(context.invocation_metadata())) as span:
+        parent = extract_metadata(context.invocation_metadata())
+        if parented_only and not trace.get_current_span(parent).get_span_context().is_valid:
+            return await call(request, context)
+        with _tracer.start_as_current_span(name, kind=trace.SpanKind.SERVER,
+                                           attributes=attributes, context=parent) as span:
             if describe is not None:
                 span.set_attributes(describe(request))
             return await call(request, context)
