@@ -248,6 +248,8 @@ async def _run_all(state: ServerState, job: _Job) -> list[Completion]:
     finally:
         for task in tasks:
             task.cancel()  # a no-op for finished ones
+        # The others' engine requests are cancelled before the error is answered.
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- streams
