@@ -149,9 +149,13 @@ def _paths() -> dict[str, JsonDict]:
 _OPEN_PATHS = ("/health", "/ready", "/metrics")
 
 
-def openapi_spec(config: RouterConfig, limits: ValidationLimits, info: ModelInfo) -> JsonDict:
-    """The OpenAPI document of a server with this configuration."""
+def openapi_spec(config: RouterConfig, limits: ValidationLimits, info: ModelInfo, *,
+                 serves_metrics: bool = True) -> JsonDict:
+    """The OpenAPI document of a server with this configuration (GET /metrics only when
+    serves_metrics)."""
     paths = _paths()
+    if not serves_metrics:
+        del paths["/metrics"]
     if config.api_key:
         for path, operations in paths.items():
             for operation in operations.values():
@@ -177,7 +181,8 @@ def openapi_spec(config: RouterConfig, limits: ValidationLimits, info: ModelInfo
 def add_openapi_route(app: web.Application) -> None:
     """Serve GET /openapi.json on an app made by `server.create_app`."""
     state = app[STATE]
-    app[_SPEC] = openapi_spec(state.config, state.limits, state.info)
+    app[_SPEC] = openapi_spec(state.config, state.limits, state.info,
+                              serves_metrics=state.metrics is not None)
     app.router.add_get(OPENAPI_ROUTE, serve_openapi)
 
 

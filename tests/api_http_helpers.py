@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 
 from router_http_doubles import MODEL_INFO, SHARED, ScriptedEngine, router_config
 from shardgen.router.api import build_app
+from shardgen.router.metrics import Metrics
 from shardgen.router.tokenization import Tokenizer
 
 QWEN2 = SHARED / "tokenizers" / "qwen2"
@@ -35,8 +36,9 @@ class Answer:
                 for line in self.text.splitlines() if line.startswith("data:")]
 
 
-def app_for(tokenizer: Tokenizer, engine: ScriptedEngine, **config: object) -> web.Application:
-    return build_app(router_config(**config), tokenizer, engine, MODEL_INFO)
+def app_for(tokenizer: Tokenizer, engine: ScriptedEngine, metrics: Metrics | None = None,
+            **config: object) -> web.Application:
+    return build_app(router_config(**config), tokenizer, engine, MODEL_INFO, metrics=metrics)
 
 
 def serve(app: web.Application, body: Callable[[TestClient], Awaitable[Any]]) -> Any:
