@@ -245,7 +245,7 @@ class DecodeBatch:
                 f"request {self.request_ids[r]} needs block {int(block_index[r])} for position "
                 f"{int(positions[r])} but has {int(self.num_blocks[r])} blocks: extend its "
                 f"block table with block_extensions")
-        blocks = np.take_along_axis(self.block_tables, block_index[:, None], axis=1)[:, 0]
+        blocks = self.block_tables[np.arange(len(positions)), block_index]
         return blocks.astype(np.int64) * block_size + positions % block_size
 
     def advance(self, next_ids: np.ndarray, next_ids_device: torch.Tensor) -> None:
@@ -282,9 +282,9 @@ class _Layout:
         self.input_ids: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
         self.slots: list[np.ndarray] = []
-        self.query_lens: list[int] = []
+        self.query_lens: list[np.ndarray] = []
         self.seq_lens: list[np.ndarray] = []   # per sequence: tokens in cache after the step
-        self.sample_rows: list[int] = []
+        self.sample_rows: list[np.ndarray] = []
         self.prefill_spans: list[tuple[int, int] | None] = []
         self.num_tokens = 0
         self.draw_index = np.empty(0, dtype=np.int64)
@@ -296,9 +296,9 @@ class _Layout:
         self.input_ids.append(running.last_tokens)
         self.positions.append(running.seq_lens - 1)
         self.slots.append(running.decode_slots(block_size))
-        self.query_lens.extend([1] * n)
+        self.query_lens.append(np.ones(n, dtype=np.int64))
         self.seq_lens.append(running.seq_lens)
-        self.sample_rows.extend(range(self.num_tokens, self.num_tokens + n))
+        self.sample_rows.append(np.arange(self.num_tokens, self.num_tokens + n))
         self.num_tokens += n
 
     def add_new(self, seq: NewSequence) -> None:
@@ -307,11 +307,11 @@ class _Layout:
         self.input_ids.append(np.asarray(seq.input_ids[seq.start:seq.end], dtype=np.int64))
         self.positions.append(np.arange(seq.start, seq.end, dtype=np.int64))
         self.slots.append(np.asarray(seq.slots, dtype=np.int64))
-        self.query_lens.append(n)
+        self.query_lens.append(np.array([n], dtype=np.int64))
         self.seq_lens.append(np.array([seq.end], dtype=np.int64))
         self.prefill_spans.append((self.num_tokens, n) if seq.prefill_logprobs else None)
         if seq.finishes_prompt:
-            self.sample_rows.append(self.num_tokens + n - 1)
+            self.sample_rows.append(np.array([self.num_tokens + n - 1]))
         self.num_tokens += n
 
 
@@ -345,19 +345,28 @@ def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_si
     return inputs
 
 
+def _stack_tables(tables: list[np.ndarray]) -> np.ndarray:
+    """Block tables of different widths, one under the other, padded with block 0."""
+    out = np.zeros((sum(t.shape[0] for t in tables), max(t.shape[1] for t in tables)), dtype=np.int32)
+    row = 0
+    for t in tables:
+        out[row:row + t.shape[0], :t.shape[1]] = t
+        row += t.shape[0]
+    return out
+
+
 def _to_device(layout: _Layout, tables: list[np.ndarray], upload: Upload) -> StepInputs:
-    query_lens = np.asarray(layout.query_lens, dtype=np.int64)
+    query_lens = np.concatenate(layout.query_lens)
     positions = np.concatenate(layout.positions)
     seq_lens = np.concatenate(layout.seq_lens)
     cu_seqlens = np.concatenate([[0], np.cumsum(query_lens)])
     parts = [np.concatenate(layout.input_ids), positions, np.concatenate(layout.slots),
-             np.asarray(layout.sample_rows, dtype=np.int64), layout.draw_index,
+             np.concatenate(layout.sample_rows or [np.empty(0, np.int64)]), layout.draw_index,
              layout.previous_tokens, seq_lens, cu_seqlens]
     packed = upload(np.concatenate(parts).astype(np.int64))
     (input_ids, positions_t, slots, sample_rows, draw_index, previous_tokens, seq_lens_t,
      cu_seqlens_t) = packed.split([len(p) for p in parts])
-    width = max(t.shape[1] for t in tables)
-    table = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]))) for t in tables])
+    table = tables[0] if len(tables) == 1 else _stack_tables(tables)
     attn = AttentionMetadata(
         slot_mapping=slots,
         block_tables=upload(table),
