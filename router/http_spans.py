@@ -14,6 +14,7 @@ engine opens the request's "queue" and "inference" spans under it (router/engine
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
@@ -63,6 +64,11 @@ async def trace_requests(request: web.Request, handler: Handler) -> web.StreamRe
             response = await handler(request)
         except web.HTTPException as answer:  # redirects and the like, raised as answers
             _note_status(span, answer.status)
+            raise
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler). Not a fault of the server:
+            # OpenTelemetry leaves the status alone for a BaseException like this one.
+            span.set_attribute(OUTCOME, "cancelled")
             raise
         _note_status(span, response.status)
         return response

@@ -111,3 +111,26 @@ def test_probes_and_metrics_get_no_span(tokenizer: Tokenizer) -> None:
     assert statuses == [200, 200, 200]
     names: list[str] = [span.name for span in exporter.get_finished_spans()]
     assert names == ["GET /info"]
+
+
+def test_a_client_that_goes_away_is_no_server_error(tokenizer: Tokenizer) -> None:
+    exporter = capture_spans()
+    engine = ScriptedEngine(lambda request: token_events(list(range(5, 25))), delay_s=0.05)
+    app = create_app(router_config(), tokenizer, engine, MODEL_INFO)
+
+    async def main() -> None:
+        # handler_cancellation as in the router's main: a gone client cancels its handler.
+        async with TestClient(TestServer(app, handler_cancellation=True)) as client:
+            response = await client.post("/generate_stream", json={"inputs": "Hi"})
+            await response.content.readline()  # the first event arrived
+            response.close()
+            for _ in range(100):
+                if exporter.get_finished_spans():
+                    return
+                await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    request = only(exporter.get_finished_spans(), "POST /generate_stream")
+    assert (request.attributes or {})[http_spans.OUTCOME] == "cancelled"
+    assert request.status.status_code != StatusCode.ERROR
+    assert engine.handles[0].cancelled

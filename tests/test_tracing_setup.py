@@ -56,7 +56,7 @@ def test_spans_reach_an_otlp_http_endpoint(monkeypatch: pytest.MonkeyPatch) -> N
     received: list[tuple[str, bytes]] = []
 
     class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+        def do_POST(self) -> None:  # the name http.server calls
             body = self.rfile.read(int(self.headers["Content-Length"]))
             received.append((self.path, body))
             self.send_response(200)
