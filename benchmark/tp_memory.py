@@ -148,20 +148,26 @@ def measure(model_path: Path, world_size: int, dtype: str) -> list[RankMemory]:
                 for rank in range(world_size)]
 
 
+_COLUMNS = ("N", "rank", "params MiB", "×N=1", "RSS before MiB", "RSS after MiB", "×N=1",
+            "anon MiB", "×N=1", "loaded ΔRSS MiB", "×N=1", "peak in load MiB", "load s")
+
+
+def _row(r: RankMemory, solo: RankMemory) -> list[str]:
+    delta, solo_delta = r.rss_after - r.rss_before, solo.rss_after - solo.rss_before
+    return [str(r.world_size), str(r.rank),
+            f"{r.param_bytes / MiB:.1f}", f"{r.param_bytes / solo.param_bytes:.3f}",
+            f"{r.rss_before / MiB:.0f}",
+            f"{r.rss_after / MiB:.0f}", f"{r.rss_after / solo.rss_after:.3f}",
+            f"{r.rss_anon_after / MiB:.0f}", f"{r.rss_anon_after / solo.rss_anon_after:.3f}",
+            f"{delta / MiB:.0f}", f"{delta / solo_delta:.3f}",
+            f"{r.rss_peak_load / MiB:.0f}", f"{r.load_s:.1f}"]
+
+
 def table(rows: list[RankMemory]) -> str:
-    """Markdown table: each rank's figures in MiB, with ratios to N = 1's rank 0."""
+    """Markdown table: each rank's figures in MiB, with ratios to the N = 1 run."""
     solo = next(r for r in rows if r.world_size == 1)
-    lines = ["| N | rank | params MiB | ×N=1 | RSS before MiB | RSS after MiB | ×N=1 | "
-             "anon MiB | ×N=1 | loaded ΔRSS MiB | ×N=1 | peak in load MiB | load s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        delta, solo_delta = r.rss_after - r.rss_before, solo.rss_after - solo.rss_before
-        lines.append(
-            f"| {r.world_size} | {r.rank} | {r.param_bytes / MiB:.1f} | {r.param_bytes / solo.param_bytes:.3f} "
-            f"| {r.rss_before / MiB:.0f} | {r.rss_after / MiB:.0f} | {r.rss_after / solo.rss_after:.3f} "
-            f"| {r.rss_anon_after / MiB:.0f} | {r.rss_anon_after / solo.rss_anon_after:.3f} "
-            f"| {delta / MiB:.0f} | {delta / solo_delta:.3f} | {r.rss_peak_load / MiB:.0f} | {r.load_s:.1f} |")
-    return "\n".join(lines)
+    lines = [_COLUMNS, ["---"] * len(_COLUMNS), *(_row(r, solo) for r in rows)]
+    return "\n".join(f"| {' | '.join(cells)} |" for cells in lines)
 
 
 def main() -> None:
