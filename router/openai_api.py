@@ -107,9 +107,12 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     body = json.loads(response.text)
     if not isinstance(body, dict) or not isinstance(body.get("error"), str):
         return response
-    return web.json_response(schema.error_body(response.status, body["error"],
-                                               str(body.get("error_type", "http"))),
-                             status=response.status)
+    reshaped = web.json_response(schema.error_body(response.status, body["error"],
+                                                   str(body.get("error_type", "http"))),
+                                 status=response.status)
+    if "Allow" in response.headers:  # a 405 names the methods the route has
+        reshaped.headers["Allow"] = response.headers["Allow"]
+    return reshaped
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

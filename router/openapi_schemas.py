@@ -109,9 +109,17 @@ def _details() -> JsonDict:
 def tgi_schemas(limits: ValidationLimits) -> dict[str, JsonDict]:
     generate = {"inputs": {"type": "string", "minLength": 1}, "parameters": {
         "anyOf": [ref("GenerateParameters"), {"type": "null"}]}}
+    parameters = _tgi_parameters(limits)
+    # /tokenize checks each parameter, but not the prompt against the token limits.
+    tokenize_parameters = {**parameters, "properties": {
+        **parameters["properties"],  # type: ignore[dict-item]
+        "max_new_tokens": _nullable("integer", minimum=1)}}
     return {
-        "GenerateParameters": _tgi_parameters(limits),
+        "GenerateParameters": parameters,
         "GenerateRequest": _object(generate, ("inputs",)),
+        "TokenizeParameters": tokenize_parameters,
+        "TokenizeRequest": _object({**generate, "parameters": {
+            "anyOf": [ref("TokenizeParameters"), {"type": "null"}]}}, ("inputs",)),
         "CompatGenerateRequest": _object({**generate, "stream": _BOOLEAN}, ("inputs",)),
         "Token": _token(),
         "PrefillToken": _token(with_special=False),

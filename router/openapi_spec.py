@@ -55,9 +55,9 @@ def _body(schema_name: str) -> JsonDict:
 
 _REQUEST_ID_PARAMETER: JsonDict = {
     "name": REQUEST_ID_HEADER, "in": "header", "required": False,
-    "description": "an id for the request (1-128 of A-Z a-z 0-9 . _ : -); one is made up "
-                   "when absent or invalid",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}
+    "description": "an id for the request: 1 to 128 of A-Z a-z 0-9 . _ : - (any other "
+                   "value is replaced by a made-up id, as is a missing one)",
+    "schema": {"type": "string"}}
 
 
 _TIMEOUT_PARAMETER: JsonDict = {
@@ -73,17 +73,25 @@ def _generation(summary: str, body: str, ok: JsonDict, *, openai: bool = False) 
             "responses": {"200": ok, **_errors(_GENERATION_ERRORS, openai)}}
 
 
+def _event(event_schema: str | None, done: bool) -> JsonDict:
+    """One server-sent event (OpenAPI 3.1 gives the schema of each event of a stream)."""
+    data: JsonDict = {"type": "string", "contentMediaType": "application/json",
+                      "description": "JSON; an error is {error, error_type}"
+                                     + ("; the last event is [DONE]" if done else "")}
+    if event_schema is not None:
+        data["contentSchema"] = ref(event_schema)
+    return {"type": "object", "properties": {"data": data}, "required": ["data"]}
+
+
 def _json_or_stream(json_schema: str, event_schema: str, description: str) -> JsonDict:
     answer = _json(ref(json_schema), description)
-    answer["content"][_SSE] = {"schema": {  # type: ignore[index]
-        "type": "string", "description": f"`data: {{{event_schema}}}` events, then "
-                                         f"`data: [DONE]`"}}
+    answer["content"][_SSE] = {"schema": _event(event_schema, done=True)}  # type: ignore[index]
     return answer
 
 
-def _stream(event_schema: str, description: str) -> JsonDict:
-    return {"description": description, "content": {_SSE: {"schema": {
-        "type": "string", "description": f"`data: {{{event_schema}}}` events"}}}}
+def _stream(event_schema: str | None, description: str) -> JsonDict:
+    return {"description": description,
+            "content": {_SSE: {"schema": _event(event_schema, done=False)}}}
 
 
 def _paths() -> dict[str, JsonDict]:
@@ -122,7 +130,7 @@ def _paths() -> dict[str, JsonDict]:
             "responses": {"200": _json(ref("CancelResponse")), **_errors((404,), False)}}},
         "/tokenize": {"post": {
             "summary": "The prompt's tokens, with their character offsets (TGI)",
-            "requestBody": _body("GenerateRequest"),
+            "requestBody": _body("TokenizeRequest"),
             "responses": {"200": _json({"type": "array", "items": ref("SimpleToken")}),
                           **_errors((400, 413, 422), False)}}},
         "/info": {"get": {"summary": "The model, the limits and the version",
@@ -138,7 +146,7 @@ def _paths() -> dict[str, JsonDict]:
         "/v1/kv_events": {"get": {
             "summary": "Prefix-cache events (blocks stored, removed, cleared) as an endless "
                        "server-sent event stream",
-            "responses": {"200": _stream("KVEvent", "the events")}}},
+            "responses": {"200": _stream(None, "the events (router/kv_events_api.py)")}}},
         OPENAPI_ROUTE: {"get": {"summary": "This document", "responses": {
             "200": {"description": "OpenAPI 3.1",
                     "content": {"application/json": {"schema": {"type": "object"}}}}}}},
@@ -147,6 +155,9 @@ def _paths() -> dict[str, JsonDict]:
 
 # Routes answered without the API key (server.py's _OPEN_ROUTES).
 _OPEN_PATHS = ("/health", "/ready", "/metrics")
+# Routes whose errors have OpenAI's shape (openai_api.openai_errors).
+_OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models",
+                 "/v1/models/{model_id}")
 
 
 def openapi_spec(config: RouterConfig, limits: ValidationLimits, info: ModelInfo, *,
@@ -162,8 +173,9 @@ def openapi_spec(config: RouterConfig, limits: ValidationLimits, info: ModelInfo
                 if path in _OPEN_PATHS:
                     operation["security"] = []  # type: ignore[index]
                 else:
+                    error = "OpenAIError" if path in _OPENAI_PATHS else "ErrorResponse"
                     operation.setdefault("responses", {})["401"] = _json(  # type: ignore[index]
-                        ref("ErrorResponse"), _ERRORS[401])
+                        ref(error), _ERRORS[401])
     spec: JsonDict = {
         "openapi": "3.1.0",
         "info": {"title": "shardgen", "version": info.version,

@@ -217,7 +217,10 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         if answer is None:
             raise
         status, message, outcome = answer
-        return error_response(status, message, outcome)
+        response = error_response(status, message, outcome)
+        if isinstance(error, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 names the methods
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
     finally:
         if request.path in _GENERATION_ROUTES and request.method == "POST":
             count_outcome(request.app[STATE].metrics, outcome)

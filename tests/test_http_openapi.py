@@ -87,3 +87,13 @@ def test_with_an_api_key_the_document_requires_it_except_on_probes(tokenizer: To
     assert spec["security"] == [{"bearer": []}]
     assert "401" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert spec["paths"]["/health"]["get"]["security"] == []
+
+
+@pytest.mark.parametrize("path, allowed", [("/generate", "POST"),
+                                           ("/v1/chat/completions", "POST"),
+                                           ("/v1/requests/x", "DELETE")])
+def test_a_wrong_method_is_405_naming_the_allowed_ones(tokenizer: Tokenizer, path: str,
+                                                       allowed: str) -> None:
+    answer = call(tokenizer, ScriptedEngine(lambda request: []), "PUT", path)
+    assert answer.status == 405 and answer.headers["Allow"] == allowed
+    assert answer.json()["error_type"] == "http"
