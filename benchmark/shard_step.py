@@ -29,7 +29,10 @@ to stdout and everything to JSON (--out). Timings are never asserted.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -343,6 +346,42 @@ def check_tokens(args: argparse.Namespace) -> dict[str, object]:
             "sequences": len(ref), "first_divergence": agree, "max_abs_first_logprob_diff": first}
 
 
+def profile_eager(args: argparse.Namespace) -> dict[str, str]:
+    """Host profiles (cProfile, by own time) of an eager prefill of one prompt and of eager
+    decode steps of one row: where a step's launch overhead goes."""
+    runner = build_runner(args, args.kernel_backend, False, num_blocks=512, max_batch=8,
+                          max_total=args.context + 64)
+    driver = Driver(runner, 512)
+
+    def one_prompt(seed: int) -> list[pb.Request]:
+        return [driver.request(p, 32) for p in prompts(1, args.context, runner.facts.vocab_size, seed)]
+
+    def prefill_again() -> None:
+        driver.clear()
+        driver.prefill(one_prompt(2))
+
+    driver.prefill(one_prompt(1))  # compiles what the steps need
+    for _ in range(3):
+        driver.decode()
+    report = {"prefill": _profiled(driver, 1, prefill_again), "decode": _profiled(driver, 5, driver.decode)}
+    for text in report.values():
+        print(text[:6000])
+    return report
+
+
+def _profiled(driver: Driver, steps: int, step: Callable[[], None]) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    median = statistics.median(s for _, s in driver.calls[-steps:])
+    return f"{steps} step(s), runner call median {median * 1e3:.1f} ms\n{text.getvalue()}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="Checkpoint folder (bf16).")
@@ -360,17 +399,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Instead: compare N greedy tokens of Triton+graphs with the torch path.")
     parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="Compute dtype of --check-tokens (weights are cast to it).")
+    parser.add_argument("--profile-eager", action="store_true",
+                        help="Instead: host profiles of an eager prefill and eager decode steps.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file.")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    report: dict[str, object]
     if not torch.cuda.is_available():
         print("shard_step.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    if args.check_tokens:
-        report: dict[str, object] = {"check_tokens": check_tokens(args)}
+    if args.profile_eager:
+        report = {"profile_eager": profile_eager(args)}
+    elif args.check_tokens:
+        report = {"check_tokens": check_tokens(args)}
         print(json.dumps(report, indent=1))
     else:
         device = torch.device("cuda", 0)
