@@ -73,25 +73,29 @@ def _generation(summary: str, body: str, ok: JsonDict, *, openai: bool = False) 
             "responses": {"200": ok, **_errors(_GENERATION_ERRORS, openai)}}
 
 
-def _event(event_schema: str | None, done: bool) -> JsonDict:
-    """One server-sent event (OpenAPI 3.1 gives the schema of each event of a stream)."""
-    data: JsonDict = {"type": "string", "contentMediaType": "application/json",
-                      "description": "JSON; an error is {error, error_type}"
-                                     + ("; the last event is [DONE]" if done else "")}
-    if event_schema is not None:
-        data["contentSchema"] = ref(event_schema)
+def _event(event_schema: str | None, error_schema: str | None, done: bool) -> JsonDict:
+    """One server-sent event (OpenAPI 3.1 gives the schema of each event of a stream):
+    its data is JSON, an event_schema or, when the stream fails, an error_schema."""
+    data: JsonDict = {"type": "string", "contentMediaType": "application/json"}
+    if done:
+        data["description"] = "the last event's data is [DONE]"
+    if event_schema is not None and error_schema is not None:
+        data["contentSchema"] = {"anyOf": [ref(event_schema), ref(error_schema)]}
     return {"type": "object", "properties": {"data": data}, "required": ["data"]}
 
 
-def _json_or_stream(json_schema: str, event_schema: str, description: str) -> JsonDict:
+def _json_or_stream(json_schema: str, event_schema: str, description: str, *,
+                    openai: bool) -> JsonDict:
     answer = _json(ref(json_schema), description)
-    answer["content"][_SSE] = {"schema": _event(event_schema, done=True)}  # type: ignore[index]
+    event = _event(event_schema, "OpenAIError" if openai else "ErrorResponse", done=openai)
+    answer["content"][_SSE] = {"schema": event}  # type: ignore[index]
     return answer
 
 
 def _stream(event_schema: str | None, description: str) -> JsonDict:
+    error_schema = "ErrorResponse" if event_schema is not None else None
     return {"description": description,
-            "content": {_SSE: {"schema": _event(event_schema, done=False)}}}
+            "content": {_SSE: {"schema": _event(event_schema, error_schema, done=False)}}}
 
 
 def _paths() -> dict[str, JsonDict]:
@@ -105,14 +109,14 @@ def _paths() -> dict[str, JsonDict]:
         "/": {"post": _generation(
             "TGI's compatibility route: /generate, or /generate_stream with stream: true",
             "CompatGenerateRequest", _json_or_stream("GenerateResponse", "StreamResponse",
-                                                     "the generation"))},
+                                                     "the generation", openai=False))},
         "/v1/chat/completions": {"post": _generation(
             "OpenAI chat completion (the tokenizer's chat template)", "ChatCompletionRequest",
-            _json_or_stream("ChatCompletion", "ChatCompletionChunk", "the completion"),
-            openai=True)},
+            _json_or_stream("ChatCompletion", "ChatCompletionChunk", "the completion",
+                            openai=True), openai=True)},
         "/v1/completions": {"post": _generation(
             "OpenAI (legacy) completion", "CompletionRequest",
-            _json_or_stream("Completion", "CompletionChunk", "the completion"),
+            _json_or_stream("Completion", "CompletionChunk", "the completion", openai=True),
             openai=True)},
         "/v1/models": {"get": {"summary": "The served model (OpenAI)", "responses": {
             "200": _json(ref("ModelList"))}}},
