@@ -125,8 +125,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             check_no_control_tokens(state.tokenizer, chat.messages)
         prompt = await render_chat(state.tokenizer, chat.messages)
         with http_spans.child("tokenize"):
-            # The rendered template holds its own special tokens (BOS and turn markers).
-            ids = await state.tokenizer.encode(prompt, add_special_tokens=False)
+            # The rendered template holds its own special tokens (BOS and turn markers):
+            # none is added, and their strings are parsed as the special tokens.
+            ids = await state.tokenizer.encode(prompt, add_special_tokens=False,
+                                               parse_special_tokens=True)
     eos = state.tokenizer.hf.eos_token_id
     job = _job(request, state, chat=True, options=chat.options, params=chat.params,
                prompts=[(prompt, ids)], timer=timer,
@@ -245,7 +247,7 @@ async def _run_all(state: ServerState, job: _Job) -> list[Completion]:
     # The first choice times the request; timing the others too would count it n times.
     timers = [job.timer] + [RequestTimer(None)] * (len(job.requests) - 1)
     tasks = [asyncio.ensure_future(run_to_end(state, engine_request, job.params, timer))
-             for engine_request, timer in zip(job.requests, timers)]
+             for engine_request, timer in zip(job.requests, timers, strict=True)]
     try:
         return list(await asyncio.gather(*tasks))
     finally:

@@ -196,7 +196,7 @@ def text_completion(completion_id: str, created: int, model: str, choices: Seque
             "logprobs": completion_logprobs(choice.tokens, choice.prefill if echo else (),
                                             len(echo)) if logprobs else None,
             "finish_reason": finish_reason(choice.finish_reason),
-        } for choice, echo in zip(choices, echo_prompts)],
+        } for choice, echo in zip(choices, echo_prompts, strict=True)],
         "usage": usage(prompt_tokens, sum(len(c.tokens) for c in choices)),
     }
 

@@ -77,10 +77,10 @@ def _event(event_schema: str | None, error_schema: str | None, done: bool) -> Js
     """One server-sent event (OpenAPI 3.1 gives the schema of each event of a stream):
     its data is JSON, an event_schema or, when the stream fails, an error_schema."""
     data: JsonDict = {"type": "string", "contentMediaType": "application/json"}
-    if done:
-        data["description"] = "the last event's data is [DONE]"
     if event_schema is not None and error_schema is not None:
         data["contentSchema"] = {"anyOf": [ref(event_schema), ref(error_schema)]}
+    if done:  # OpenAI streams end with an event that is not JSON
+        data = {"anyOf": [data, {"const": "[DONE]"}]}
     return {"type": "object", "properties": {"data": data}, "required": ["data"]}
 
 

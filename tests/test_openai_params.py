@@ -35,7 +35,8 @@ def test_requests_sample_by_default_as_openai_does() -> None:
 
 
 def test_temperature_zero_is_greedy_and_drops_the_filters() -> None:
-    sampling = chat(temperature=0, top_p=0.5, top_k=3, seed=7, frequency_penalty=0.5).params.sampling
+    request = chat(temperature=0, top_p=0.5, top_k=3, seed=7, frequency_penalty=0.5)
+    sampling = request.params.sampling
     assert not sampling.do_sample
     assert (sampling.top_p, sampling.top_k) == (1.0, 0)
     assert sampling.frequency_penalty == 0.5  # penalties still shape a greedy choice
