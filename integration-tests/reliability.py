@@ -14,7 +14,7 @@ from functools import lru_cache
 import aiohttp
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from harness import STORIES, Server
 
@@ -51,8 +51,8 @@ def wait_idle(server: Server, timeout_s: float = 30.0) -> dict[tuple[str, Labels
 
 def generate(server: Server, inputs: str, headers: dict[str, str] | None = None,
              timeout_s: float = 120.0, **parameters: object) -> requests.Response:
-    return requests.post(f"{server.url}/generate", json={"inputs": inputs, "parameters": parameters},
-                         headers=headers, timeout=timeout_s)
+    return requests.post(f"{server.url}/generate", headers=headers, timeout=timeout_s,
+                         json={"inputs": inputs, "parameters": parameters})
 
 
 def greedy_ids(server: Server, inputs: str, max_new_tokens: int, **parameters: object) -> list[int]:
@@ -63,7 +63,7 @@ def greedy_ids(server: Server, inputs: str, max_new_tokens: int, **parameters: o
 
 
 @lru_cache(maxsize=1)
-def stories_tokenizer():  # noqa: ANN201 (a transformers tokenizer)
+def stories_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(STORIES)
 
 

@@ -145,7 +145,7 @@ def test_a_step_that_raises_fails_only_its_batch(server: Server) -> None:
     running, faulty, queued = asyncio.run(clients())
     assert faulty.status == 424
     assert faulty.body["error_type"] == "generation"
-    assert "InjectedFault" in faulty.body["error"] and "shard 0 failed Prefill" in faulty.body["error"]
+    assert "shard 0 failed Prefill: INTERNAL: InjectedFault" in faulty.body["error"]
     # The request that shared the step fails too, with an error event after its tokens ...
     assert running.error is not None and running.error["error_type"] == "generation"
     assert running.ids == expected_running[:len(running.ids)]
