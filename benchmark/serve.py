@@ -51,10 +51,13 @@ class RequestResult:
 
 
 def _random_text(tokenizer, rng: random.Random, length: int) -> str:
-    # Skip special ids so the text round-trips to about `length` tokens.
+    """Text of about `length` tokens: random ids, decoded, re-tokenized and cut to length
+    (random ids of a small vocabulary decode to text that re-tokenizes much longer)."""
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(min(tokenizer.vocab_size, 32000)) if i not in special]
-    return tokenizer.decode([rng.choice(vocab) for _ in range(length)])
+    text = tokenizer.decode([rng.choice(vocab) for _ in range(length)])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    return tokenizer.decode(ids)
 
 
 def _length(rng: random.Random, mean: int, ratio: float) -> int:
