@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -108,7 +109,21 @@ def _as_float(name: str, value: object) -> float:
         number = math.inf
     if not math.isfinite(number):
         raise ValidationError(f"`{name}` must be a finite number, got {_quoted(value)}")
+    # Sampling parameters travel as 32-bit floats (generate.proto): a value that becomes
+    # infinite or 0 there would pass the checks here and fail the shard's (the whole step).
+    single = _to_float32(number)
+    if math.isinf(single) or (single == 0.0 and number != 0.0):
+        raise ValidationError(f"`{name}` must fit a 32-bit float (between 1.4e-45 and 3.4e+38 "
+                              f"in magnitude, or 0), got {_quoted(value)}")
     return number
+
+
+def _to_float32(number: float) -> float:
+    """number rounded to the nearest 32-bit float (inf past its range)."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", number))[0])
+    except OverflowError:
+        return math.copysign(math.inf, number)
 
 
 def _as_int(name: str, value: object) -> int:
