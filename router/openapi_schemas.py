@@ -25,6 +25,11 @@ def _nullable(kind: str, **bounds: object) -> JsonDict:
     return {"type": [kind, "null"], **bounds}
 
 
+def _float(**bounds: object) -> JsonDict:
+    """A sampling parameter: it travels to the shards as a 32-bit float."""
+    return _nullable("number", format="float", **bounds)
+
+
 def _object(properties: dict[str, JsonDict], required: tuple[str, ...] = (), *,
             closed: bool = False, description: str = "") -> JsonDict:
     schema: JsonDict = {"type": "object", "properties": properties}
@@ -44,10 +49,10 @@ def _array(items: JsonDict, **bounds: object) -> JsonDict:
 _STRING = {"type": "string"}
 _INTEGER = {"type": "integer"}
 _BOOLEAN = {"type": "boolean"}
-_LOGPROB = _nullable("number")
-_PENALTY = _nullable("number", minimum=-2.0, maximum=2.0)
+_LOGPROB = _float()
+_PENALTY = _float(minimum=-2.0, maximum=2.0)
 _SEED = _nullable("integer", minimum=0, maximum=_MAX_SEED)
-_OPEN_UNIT = _nullable("number", exclusiveMinimum=0.0, exclusiveMaximum=1.0)
+_OPEN_UNIT = _float(exclusiveMinimum=0.0, exclusiveMaximum=1.0)
 
 
 # ---------------------------------------------------------------- TGI
@@ -66,16 +71,16 @@ def _tgi_parameters(limits: ValidationLimits) -> JsonDict:
         "max_new_tokens": _nullable("integer", minimum=1, maximum=limits.max_total_tokens - 1,
                                     description="prompt tokens + max_new_tokens must be "
                                                 f"<= {limits.max_total_tokens}"),
-        "repetition_penalty": _nullable("number", exclusiveMinimum=0.0),
+        "repetition_penalty": _float(exclusiveMinimum=0.0),
         "return_full_text": _nullable("boolean"),
         "seed": _SEED,
         "stop": {**stop, "type": ["array", "null"]},
-        "temperature": _nullable("number", exclusiveMinimum=0.0),
+        "temperature": _float(exclusiveMinimum=0.0),
         "top_k": _nullable("integer", minimum=1, maximum=_MAX_TOP_K),
         "top_n_tokens": _nullable("integer", minimum=0, maximum=limits.max_top_n_tokens),
         "top_p": _OPEN_UNIT,
         "typical_p": _OPEN_UNIT,
-        "min_p": _nullable("number", minimum=0.0, maximum=1.0),
+        "min_p": _float(minimum=0.0, maximum=1.0),
         "truncate": _nullable("integer", minimum=1, maximum=limits.max_input_tokens),
         "watermark": _nullable("boolean"),
         "ignore_eos": _nullable("boolean"),
@@ -165,9 +170,9 @@ def _openai_common(limits: ValidationLimits) -> dict[str, JsonDict]:
     return {
         "model": _nullable("string"),
         "max_tokens": _nullable("integer", minimum=1, maximum=limits.max_total_tokens),
-        "temperature": _nullable("number", minimum=0.0, maximum=2.0,
+        "temperature": _float(minimum=0.0, maximum=2.0,
                                  description="0 is greedy; sampling by default"),
-        "top_p": _nullable("number", exclusiveMinimum=0.0, maximum=1.0),
+        "top_p": _float(exclusiveMinimum=0.0, maximum=1.0),
         "n": _nullable("integer", minimum=1, maximum=limits.max_best_of),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, stop, {"type": "null"}]},
         "seed": _SEED,
@@ -179,9 +184,9 @@ def _openai_common(limits: ValidationLimits) -> dict[str, JsonDict]:
         "logit_bias": {"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]},
         "user": _nullable("string"),
         "top_k": _nullable("integer", minimum=1, maximum=_MAX_TOP_K),
-        "min_p": _nullable("number", minimum=0.0, maximum=1.0),
+        "min_p": _float(minimum=0.0, maximum=1.0),
         "typical_p": _OPEN_UNIT,
-        "repetition_penalty": _nullable("number", exclusiveMinimum=0.0),
+        "repetition_penalty": _float(exclusiveMinimum=0.0),
         "cache_priority": _nullable("integer", minimum=0, maximum=MAX_CACHE_PRIORITY),
         "cache_priority_tokens": _nullable("integer", minimum=1),
     }
