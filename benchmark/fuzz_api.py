@@ -97,11 +97,33 @@ def fuzz_command(port: int, args: argparse.Namespace) -> list[str]:
             "--suppress-health-check", "all", "--no-color"]
 
 
-def summary(report_path: Path) -> dict:
-    """Cases and failures from schemathesis' JSON report (keys as of schemathesis 4)."""
+# Server log lines that mean a request hurt others or the server, though every answer
+# was a 4xx: a step the shard refused fails every request in it.
+BAD_LOG_LINES = ("step failed", "the batching loop failed", "internal error", "Traceback")
+# aiohttp's own parser logs a traceback for a header it cannot parse (schemathesis sends a
+# NUL byte to probe); the client gets a 400 and nothing else is touched.
+HARMLESS = ("BadHttpMessage", "Invalid header value char", "X-Schemathesis-Probe")
+
+
+def server_log_problems(log: Path) -> list[str]:
+    """Lines of the server log that report a failed step or an unexpected exception."""
+    lines = log.read_text(errors="replace").splitlines()
+    problems = []
+    for index, line in enumerate(lines):
+        if any(bad in line for bad in BAD_LOG_LINES):
+            context = " ".join(lines[index:index + 8])
+            if not any(harmless in context for harmless in HARMLESS):
+                problems.append(line)
+    return problems
+
+
+def report_counts(report_path: Path) -> dict[str, object]:
+    """Test cases and failures from schemathesis' JSON report (schemathesis 4 keys)."""
     if not report_path.is_file():
         return {}
-    return json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text())
+    return {"test_cases": report.get("test_cases"), "running_time_s": report.get(
+        "running_time")}
 
 
 def main() -> int:
@@ -129,7 +151,12 @@ def main() -> int:
     crashed = server.returncode not in (0, -signal.SIGTERM)
     print(f"server exit status {server.returncode}"
           f"{' (crashed)' if crashed else ''}; report: {args.out}")
-    return 1 if code or crashed or not alive else 0
+    print(json.dumps(report_counts(args.out / "schemathesis.json")))
+    problems = server_log_problems(args.out / "server.log")
+    print(f"server log: {len(problems)} failed step(s) or unexpected exception(s)")
+    for line in problems[:20]:
+        print("  ", line)
+    return 1 if code or crashed or not alive or problems else 0
 
 
 if __name__ == "__main__":
