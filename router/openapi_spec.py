@@ -62,9 +62,10 @@ _REQUEST_ID_PARAMETER: JsonDict = {
 
 _TIMEOUT_PARAMETER: JsonDict = {
     "name": TIMEOUT_HEADER, "in": "header", "required": False,
-    "description": "seconds the request may take (at most --request-timeout); past them "
-                   "it ends with 504",
-    "schema": {"type": "string", "pattern": r"^[0-9]*\.?[0-9]+$"}}
+    "description": "seconds the request may take, a positive number (at most "
+                   "--request-timeout counts); past them it ends with 504; anything else "
+                   "is a 422",
+    "schema": {"type": "string"}}
 
 
 def _generation(summary: str, body: str, ok: JsonDict, *, openai: bool = False) -> JsonDict:
