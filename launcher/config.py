@@ -47,6 +47,12 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--num-blocks", help="Force this many KV blocks (overrides the memory sizing)."),
     ForwardedFlag("--cuda-memory-fraction", type=float, help="Share of GPU memory the shard may use."),
     ForwardedFlag("--distributed-timeout-s", help="Timeout of collective operations."),
+    ForwardedFlag("--kernel-backend", type=str,
+                  help="Hot-path ops: auto (Triton on CUDA, torch on CPU), triton or torch."),
+    ForwardedFlag("--cuda-graphs", is_switch=True,
+                  help="Capture decode steps as CUDA graphs (default on a single GPU)."),
+    ForwardedFlag("--no-cuda-graphs", is_switch=True, help="Run decode steps eagerly."),
+    ForwardedFlag("--cuda-graph-max-batch-size", help="Largest decode batch captured in a graph."),
     ForwardedFlag("--otlp-endpoint", type=str, help=argparse.SUPPRESS),
     ForwardedFlag("--otlp-service-name", type=str, help=argparse.SUPPRESS),
 )

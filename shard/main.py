@@ -20,6 +20,7 @@ import torch
 from shardgen.common.logging import setup_logging
 from shardgen.common.tracing import setup_tracing, shutdown_tracing
 from shardgen.shard.config import ConfigError, ShardConfig, parse_config
+from shardgen.shard.cuda_graphs import GraphPolicy
 from shardgen.shard.distributed import destroy_distributed, init_distributed
 from shardgen.shard.faults import FaultInjection
 from shardgen.shard.models import load_model
@@ -43,13 +44,16 @@ def build_runner(config: ShardConfig) -> ModelRunner:
                                      config.master_port, device, config.distributed_timeout_s)
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model_id, dtype=dtype, device=device, rank=config.rank,
-                       world_size=config.world_size, process_group=process_group)
+                       world_size=config.world_size, process_group=process_group,
+                       kernel_backend=config.kernel_backend)
     facts = ModelFacts.read(config.model_id, model)
     logger.info("loaded %s (%s, %s on %s, rank %d of %d)", config.model_id, facts.architecture,
                 config.dtype, device, config.rank, config.world_size)
     memory = MemoryPolicy(config.block_size, config.kv_cache_bytes, config.num_blocks,
                           config.cuda_memory_fraction)
-    return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank)
+    graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size)
+    return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank,
+                       graphs=graphs)
 
 
 async def run(config: ShardConfig, faults: FaultInjection | None = None) -> None:
