@@ -50,6 +50,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     served.stop()
 
 
+def wait_for_log(server: Server, text: str, timeout_s: float = 15.0) -> bool:
+    """Whether text shows in the launcher's log within timeout_s (lines reach it through
+    the launcher's forwarding thread, after the HTTP answer may have)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in server.logs():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def decode_steps(server: Server) -> float:
     return sample(scrape(server), "shardgen_batch_size_count", method="decode")
 
@@ -166,7 +177,7 @@ def test_out_of_memory_fails_the_step_and_shrinks_the_next_prefills(server: Serv
     assert response.status_code == 424, response.text
     assert "RESOURCE_EXHAUSTED" in response.json()["error"]
     assert "out of memory" in response.json()["error"]
-    assert re.search(r"prefill budget cut from 64 to 32 tokens", server.logs())
+    assert wait_for_log(server, "prefill budget cut from 64 to 32 tokens")
 
     chunks_before = prefill_steps(server)
     assert greedy_ids(server, long_prompt, 8) == expected

@@ -46,9 +46,9 @@ def parse_timeout_header(value: str) -> float:
 
 def timeout_of(header: str | None, server_timeout_s: float | None) -> float | None:
     """The time a request gets: the shorter of the header's and the server's, if any."""
-    limits = [seconds for seconds in (
-        parse_timeout_header(header) if header is not None else None, server_timeout_s)
-        if seconds is not None]
+    limits = [] if server_timeout_s is None else [server_timeout_s]
+    if header is not None:
+        limits.append(parse_timeout_header(header))
     return min(limits, default=None)
 
 
