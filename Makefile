@@ -20,8 +20,9 @@ install: $(BIN)/shardgen-launcher
 serve: install
 	$(BIN)/shardgen-launcher --port 3000
 
-## Run the whole test suite on CPU (Triton kernels in the interpreter).
+## Lint, then run the whole test suite on CPU (Triton kernels in the interpreter).
 test: install
+	$(BIN)/ruff check .
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 ## Unit tests only (no processes started).

@@ -342,8 +342,9 @@ def check_tokens(args: argparse.Namespace) -> dict[str, object]:
     (fast, fast_lp), (ref, ref_lp) = results["triton"], results["torch"]
     agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(fast, ref)]
     first = max(abs(a[0] - b[0]) for a, b in zip(fast_lp, ref_lp))
-    return {"dtype": args.check_dtype, "tokens_per_sequence": args.check_tokens, "identical_sequences": sum(x == y for x, y in zip(fast, ref)),
-            "sequences": len(ref), "first_divergence": agree, "max_abs_first_logprob_diff": first}
+    return {"dtype": args.check_dtype, "tokens_per_sequence": args.check_tokens,
+            "identical_sequences": sum(x == y for x, y in zip(fast, ref)), "sequences": len(ref),
+            "first_divergence": agree, "max_abs_first_logprob_diff": first}
 
 
 def profile_eager(args: argparse.Namespace) -> dict[str, str]:

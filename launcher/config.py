@@ -28,7 +28,8 @@ ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--max-input-tokens", help="Longest prompt in tokens (default from the model)."),
     ForwardedFlag("--max-total-tokens", help="Longest prompt + generation (default from the model)."),
     ForwardedFlag("--max-batch-prefill-tokens", help="Prompt tokens computed in one step."),
-    ForwardedFlag("--max-batch-total-tokens", help="Tokens held in the KV cache at once (default: what warm-up finds)."),
+    ForwardedFlag("--max-batch-total-tokens",
+                  help="Tokens held in the KV cache at once (default: what warm-up finds)."),
     ForwardedFlag("--max-batch-size", help="Requests in one step."),
     ForwardedFlag("--waiting-served-ratio", type=float, help="Waiting/running ratio that triggers a prefill."),
     ForwardedFlag("--max-waiting-tokens", help="Decode steps a waiting request may be held back."),
@@ -36,8 +37,10 @@ ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--disable-prefix-caching", is_switch=True, help="Do not reuse KV blocks across requests."),
     ForwardedFlag("--api-key", type=str, help="Require this Bearer token on every API route."),
     ForwardedFlag("--request-timeout", type=float, help="Seconds a generation request may take (504 past it)."),
-    ForwardedFlag("--parse-special-tokens", is_switch=True, help="Parse special-token strings in `inputs` as the special tokens (TGI's behaviour)."),
-    ForwardedFlag("--otlp-endpoint", type=str, help="OTLP traces endpoint (gRPC host:port or http(s)://…/v1/traces)."),
+    ForwardedFlag("--parse-special-tokens", is_switch=True,
+                  help="Parse special-token strings in `inputs` as the special tokens (TGI's behaviour)."),
+    ForwardedFlag("--otlp-endpoint", type=str,
+                  help="OTLP traces endpoint (gRPC host:port or http(s)://…/v1/traces)."),
     ForwardedFlag("--otlp-service-name", type=str, help="Service name of the traces."),
 )
 

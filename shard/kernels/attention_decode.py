@@ -193,9 +193,9 @@ def _decode_reduce_kernel(
     part_ok = parts < num_parts
     row = (b.to(tl.int64) * NUM_Q_HEADS + head) * num_parts + parts
     m = tl.load(part_m_ptr + row, mask=part_ok, other=NEG_BIG)
-    l = tl.load(part_l_ptr + row, mask=part_ok, other=0.0)
+    part_sums = tl.load(part_l_ptr + row, mask=part_ok, other=0.0)
     weight = tl.exp2(m - tl.max(m, 0))
-    denom = tl.sum(weight * l, 0)
+    denom = tl.sum(weight * part_sums, 0)
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=part_ok[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
