@@ -46,7 +46,7 @@ def parse_timeout_header(value: str) -> float:
 
 def timeout_of(header: str | None, server_timeout_s: float | None) -> float | None:
     """The time a request gets: the shorter of the header's and the server's, if any."""
-    limits = [] if server_timeout_s is None else [server_timeout_s]
+    limits: list[float] = [] if server_timeout_s is None else [server_timeout_s]
     if header is not None:
         limits.append(parse_timeout_header(header))
     return min(limits, default=None)
