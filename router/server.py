@@ -213,6 +213,10 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         outcome = request.get(_OUTCOME, "success")
         return response
     except Exception as error:  # each kind gets its status in _classify
+        if _client_gone(request, error):
+            # A write failed because the client left, before aiohttp cancelled this handler:
+            # nobody reads an answer, and it is no error of ours; counted as cancelled.
+            return web.Response(status=499)
         answer = _classify(request, error)
         if answer is None:
             raise
@@ -225,6 +229,13 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         if request.path in _GENERATION_ROUTES and request.method == "POST":
             count_outcome(request.app[STATE].metrics, outcome)
             http_spans.note_outcome(outcome)
+
+
+def _client_gone(request: web.Request, error: Exception) -> bool:
+    """Whether error is a write to a client that closed its connection."""
+    transport = request.transport
+    return isinstance(error, ConnectionResetError) and (transport is None
+                                                        or transport.is_closing())
 
 
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
 import pytest
+from aiohttp import ClientConnectionResetError, ClientPayloadError
 from aiohttp.test_utils import TestClient, TestServer
 
 from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.config import parse_args
 from shardgen.router.deadlines import TIMEOUT_HEADER, parse_timeout_header, timeout_of
+from shardgen.router.metrics import Metrics
 from shardgen.router.requests import FinishReason, RequestTimeoutError
 from shardgen.router.server import create_app
+from shardgen.router.sse import EventStream
 from shardgen.router.tokenization import Tokenizer
 from shardgen.router.validation import ValidationError
 
@@ -198,3 +202,41 @@ def test_a_timeout_is_504_or_an_error_event_mid_stream(tokenizer: Tokenizer) -> 
     assert streamed[0] == 200
     last = json.loads(streamed[1].strip().split("\n\n")[-1].removeprefix("data:"))
     assert last == {"error": str(timeout), "error_type": "timeout"}
+
+
+# ---------------------------------------------------------------- disconnects
+
+
+def test_a_write_to_a_client_that_left_counts_as_cancelled(tokenizer: Tokenizer,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """The race where the client's disconnect shows up as a failed write before aiohttp
+    cancels the handler: no 500, no error log, outcome "cancelled", request cancelled."""
+    engine = ScriptedEngine(lambda request: token_events([403, 407, 261, 378]), delay_s=0.01)
+    metrics = Metrics()
+    app = create_app(router_config(), tokenizer, engine, MODEL_INFO, metrics=metrics)
+    send_event = EventStream.send
+
+    async def send_then_lose_the_client(self: EventStream, data: Any) -> None:
+        if self.started:  # the second event: the client has gone in the meantime
+            self._request.transport.close()
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        await send_event(self, data)
+
+    monkeypatch.setattr(EventStream, "send", send_then_lose_the_client)
+
+    async def main() -> bytes:
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post("/generate_stream", json=PLAIN["json"])
+            try:
+                return await response.content.read()
+            except ClientPayloadError:
+                return b""
+
+    asyncio.run(main())
+    counts = {s.labels["outcome"]: s.value for family in metrics.registry.collect()
+              for s in family.samples if s.name == "shardgen_requests_total"}
+    assert counts == {"cancelled": 1.0}
+    assert engine.handles[0].cancelled
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
