@@ -8,18 +8,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from api_http_helpers import Answer, app_for, call, fetch, serve
-from router_http_doubles import STORIES, ScriptedEngine, token_events
+from router_http_doubles import ScriptedEngine, token_events
 from shardgen.router.tokenization import Tokenizer
 
 BODY = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 20}}
 CHAT = {"prompt": "Once upon a time", "max_tokens": 20}
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def slow_engine(**kwargs: object) -> ScriptedEngine:

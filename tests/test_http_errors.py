@@ -9,18 +9,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
+from router_http_doubles import (MODEL_INFO, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.requests import FinishReason, QueueFullError
 from shardgen.router.server import create_app, stop_accepting
 from shardgen.router.tokenization import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def eos_engine(**kwargs: Any) -> ScriptedEngine:

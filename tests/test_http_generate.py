@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
+from router_http_doubles import (MODEL_INFO, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.requests import FinishReason, PrefillEvent, TokenEvent
 from shardgen.router.server import create_app
@@ -22,13 +22,6 @@ from shardgen.router.tokenization import Tokenizer
 PROMPT = "Once upon a time"
 CONTINUATION = ", there was a little girl named Lily. She liked to play outside."
 EOS = 2
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def continuation_ids(tokenizer: Tokenizer, text: str = CONTINUATION) -> list[int]:

@@ -9,20 +9,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
+from router_http_doubles import (MODEL_INFO, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.metrics import Metrics
 from shardgen.router.request_metrics import RequestTimer
 from shardgen.router.requests import GenerationError
 from shardgen.router.server import create_app
 from shardgen.router.tokenization import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
 
 from api_http_helpers import Answer, call
-from router_http_doubles import STORIES, ScriptedEngine, token_events
+from router_http_doubles import ScriptedEngine, token_events
 from shardgen.router.requests import FinishReason, PrefillEvent
 from shardgen.router.tokenization import Tokenizer
 
 PROMPTS = ["Once upon a time", "The little dog"]
 CONTINUATION = ", there was a little girl named Lily."
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def ids_of(tokenizer: Tokenizer, text: str = CONTINUATION) -> list[int]:

@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 
 from api_http_helpers import app_for, call, fetch, serve
-from router_http_doubles import STORIES, ScriptedEngine, router_config
+from router_http_doubles import ScriptedEngine, router_config
 from shardgen.router.metrics import Metrics
 from shardgen.router.tokenization import Tokenizer
 
 # Methods aiohttp adds by itself (HEAD beside every GET).
 _IMPLICIT = {"HEAD"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def spec_of(tokenizer: Tokenizer, **config: object) -> dict:

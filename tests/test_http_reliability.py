@@ -18,7 +18,7 @@ import pytest
 from aiohttp import ClientConnectionResetError, ClientPayloadError
 from aiohttp.test_utils import TestClient, TestServer
 
-from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
+from router_http_doubles import (MODEL_INFO, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.config import parse_args
 from shardgen.router.deadlines import TIMEOUT_HEADER, parse_timeout_header, timeout_of
@@ -31,13 +31,6 @@ from shardgen.router.validation import ValidationError
 
 JSON = {"Content-Type": "application/json"}
 PLAIN = {"json": {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 2}}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def eos_engine() -> ScriptedEngine:

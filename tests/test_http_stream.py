@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from router_http_doubles import (MODEL_INFO, STORIES, ScriptedEngine, router_config,
+from router_http_doubles import (MODEL_INFO, ScriptedEngine, router_config,
                                  token_events)
 from shardgen.router.requests import FinishReason, GenerationError
 from shardgen.router.server import create_app
@@ -18,13 +18,6 @@ from shardgen.router.tokenization import Tokenizer
 PROMPT = "Once upon a time"
 # Multi-byte characters split over byte tokens exercise the incremental detokenizer.
 CONTINUATION = " Lily saw a big dog. 世界 She said: \"héllo!\" and ran home."
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def ids_of(tokenizer: Tokenizer, text: str = CONTINUATION) -> list[int]:

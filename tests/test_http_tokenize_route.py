@@ -5,17 +5,10 @@ from __future__ import annotations
 import pytest
 
 from api_http_helpers import QWEN2, call
-from router_http_doubles import STORIES, ScriptedEngine, token_events
+from router_http_doubles import ScriptedEngine, token_events
 from shardgen.router.tokenization import Tokenizer
 
 PROMPT = "Once upon a time, Lily saw a big dog."
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def tokenize(tokenizer: Tokenizer, body: object, **config: object):

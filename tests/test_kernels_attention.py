@@ -7,9 +7,7 @@ gpu use real sizes and bf16 and run on a GPU only.
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -20,21 +18,7 @@ pytest.importorskip("triton")
 from shardgen.shard.kernels.attention import paged_attention  # noqa: E402
 from shardgen.shard.kernels.attention_decode import DecodeConfig, choose_num_partitions  # noqa: E402
 from shardgen.shard.kernels.attention_prefill import PrefillConfig  # noqa: E402
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRETING or not HAS_CUDA else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRETING or HAS_CUDA),
-    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before Python starts",
-)
-
-
-def gpu_only(test: Callable[..., None]) -> Callable[..., None]:
-    """Marks a real-size test: gpu, and skipped without CUDA or inside the interpreter."""
-    skip = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU, not the interpreter")
-    return pytest.mark.gpu(skip(test))
-
+from kernel_env import DEVICE, gpu_only, needs_kernels  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 

@@ -7,8 +7,6 @@ on a CUDA GPU; skipped otherwise. Tests marked gpu use real sizes and bf16, GPU 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,21 +18,9 @@ from shardgen.shard.kernels.activation import silu_and_mul  # noqa: E402
 from shardgen.shard.kernels.kv_cache import write_kv  # noqa: E402
 from shardgen.shard.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from shardgen.shard.kernels.rotary import apply_rotary  # noqa: E402
+from kernel_env import DEVICE, gpu_only, needs_kernels  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRETING or not HAS_CUDA else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRETING or HAS_CUDA),
-    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before Python starts",
-)
 DTYPES = [torch.float32, torch.float16]
-
-
-def gpu_only(test: Callable[..., None]) -> Callable[..., None]:
-    """Marks a real-size test: gpu, and skipped without CUDA or inside the interpreter."""
-    skip = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU, not the interpreter")
-    return pytest.mark.gpu(skip(test))
 
 
 @pytest.fixture

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from shardgen.shard.sampling import draw_keys, gumbel_argmax
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (INTERPRETING or HAS_CUDA),
-    reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 set before Python starts")
+from kernel_env import DEVICE, needs_kernels  # noqa: E402
+
+pytestmark = needs_kernels
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 7), (5, 3000), (3, 4096)])

@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_http_doubles import MODEL_INFO, STORIES, ScriptedEngine, router_config, token_events
+from router_http_doubles import MODEL_INFO, ScriptedEngine, router_config, token_events
 from shardgen.router import http_spans
 from shardgen.router.requests import FinishReason
 from shardgen.router.server import create_app
@@ -22,13 +21,6 @@ from tracing_capture import capture_spans, is_child, named, only
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    if not STORIES.is_dir():
-        pytest.skip(f"fixture tokenizer missing: {STORIES}")
-    return Tokenizer.from_pretrained(STORIES)
 
 
 def serve(engine: ScriptedEngine, tokenizer: Tokenizer,
