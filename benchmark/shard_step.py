@@ -370,6 +370,58 @@ def profile_eager(args: argparse.Namespace) -> dict[str, str]:
     return report
 
 
+def profile_kernels(args: argparse.Namespace) -> dict[str, object]:
+    """GPU kernels of real steps (torch.profiler, CUDA activity): per batch size, the
+    decode step's kernels grouped by name (microseconds per step, launches per step), their
+    sum against the step's span on the device (first kernel start to last kernel end), and
+    the same for one eager prefill of one prompt. What a fusion or a faster kernel would win."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    max_total = args.context + 64
+    runner = build_runner(args, args.kernel_backend, not args.no_cuda_graphs, None, max(batches), max_total)
+    driver = Driver(runner, runner.cache.num_blocks if runner.cache else 0)
+    report: dict[str, object] = {}
+
+    def kernels_of(step: Callable[[], None], steps: int) -> dict[str, object]:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0]
+        by_name: dict[str, list[float]] = {}
+        for event in events:
+            by_name.setdefault(event.name[:90], []).append(event.device_time)
+        span_us = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0
+        kernels = sorted(((name, sum(t) / steps, len(t) / steps) for name, t in by_name.items()),
+                         key=lambda row: -row[1])
+        return {"steps": steps, "kernel_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
+                "span_us_per_step": span_us / steps, "launches_per_step": len(events) / steps,
+                "kernels": [{"name": n, "us": round(us, 2), "count": c} for n, us, c in kernels]}
+
+    for batch in batches:
+        driver.clear()
+        for start in range(0, batch, 32):
+            chunk = prompts(min(32, batch - start), args.context, runner.facts.vocab_size, seed=start)
+            driver.prefill([driver.request(p, 48) for p in chunk])
+        for _ in range(3):
+            driver.decode()
+        report[f"decode_b{batch}"] = kernels_of(driver.decode, 8)
+    driver.clear()
+    prompt = prompts(1, args.context, runner.facts.vocab_size, seed=99)[0]
+    driver.prefill([driver.request(prompt, 8)])
+    driver.clear()
+    report["prefill_1x" + str(args.context)] = kernels_of(
+        lambda: driver.prefill([driver.request(prompt, 8)]), 1)
+    for name, result in report.items():
+        print(f"== {name}: kernels {result['kernel_us_per_step']:.1f} us, span {result['span_us_per_step']:.1f} us, "
+              f"{result['launches_per_step']:.0f} launches per step")
+        for row in result["kernels"][:14]:
+            print(f"   {row['us']:>9.1f} us  x{row['count']:<5.1f} {row['name']}")
+    return report
+
+
 def _profiled(driver: Driver, steps: int, step: Callable[[], None]) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -402,6 +454,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Compute dtype of --check-tokens (weights are cast to it).")
     parser.add_argument("--profile-eager", action="store_true",
                         help="Instead: host profiles of an eager prefill and eager decode steps.")
+    parser.add_argument("--profile-kernels", action="store_true",
+                        help="Instead: GPU kernels of decode steps (per batch size) and of one prefill.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file.")
     return parser.parse_args(argv)
 
@@ -414,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile_eager:
         report = {"profile_eager": profile_eager(args)}
+    elif args.profile_kernels:
+        report = {"profile_kernels": profile_kernels(args)}
     elif args.check_tokens:
         report = {"check_tokens": check_tokens(args)}
         print(json.dumps(report, indent=1))
