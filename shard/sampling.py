@@ -21,6 +21,10 @@ Choices worth knowing:
   nothing else: not the batch, its order, or the rank, so every tensor-parallel rank picks
   the same token without a collective and a request replays identically in any batch.
   On CUDA one Triton pass per row does the draw (shard/sampling_kernel.py).
+- A batch of greedy rows only that asks no top-n alternatives computes what it returns:
+  argmax and x[argmax] - logsumexp(x) per row, never the [N, V] log-softmax. On CUDA that
+  is two Triton launches that split each row over many programs (a one-row reduction
+  otherwise runs on one SM); the torch path elsewhere. Same token, logprob to rounding.
 - Watermark ("A Watermark for Large Language Models", Kirchenbauer et al.): adds
   `WATERMARK_DELTA` to a green list of about `WATERMARK_GAMMA` of the vocabulary, keyed
   by the previous token. The green list comes from the same counter hash
@@ -31,8 +35,9 @@ Choices worth knowing:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -269,6 +274,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
     token (the watermark's key); `top_n` alternatives are returned for every row.
     """
     scores = apply_penalties(logits, batch, previous_tokens)
+    if not batch.flags.any_sample and top_n == 0:
+        kernels = _kernels() if scores.is_cuda else None
+        next_ids, chosen = (kernels.greedy_pick if kernels else greedy_pick)(scores.contiguous())
+        return SampleOutput(next_ids, chosen, *_no_alternatives(next_ids, chosen))
     if batch.flags.any_sample:
         rows = batch.sample_index
         drawn, warped = _draw(scores if rows is None else scores[rows], batch, draw_index, rows)
@@ -282,9 +291,23 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
         next_ids = scores.argmax(dim=-1)
     logprobs = torch.log_softmax(scores, dim=-1)
     chosen = logprobs.gather(1, next_ids[:, None]).squeeze(1)
-    top_logprobs, top_ids = logprobs.topk(top_n, dim=-1) if top_n > 0 else (
-        logprobs.new_empty((len(logprobs), 0)), next_ids.new_empty((len(logprobs), 0)))
+    if top_n > 0:
+        top_logprobs, top_ids = logprobs.topk(top_n, dim=-1)
+    else:
+        top_ids, top_logprobs = _no_alternatives(next_ids, chosen)
     return SampleOutput(next_ids, chosen, top_ids, top_logprobs)
+
+
+def _no_alternatives(next_ids: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty [N, 0] (ids, log-probabilities), the top-n alternatives for top_n == 0."""
+    return next_ids.new_empty((len(next_ids), 0)), chosen.new_empty((len(chosen), 0))
+
+
+def greedy_pick(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, its log-softmax) per row of scores [N, V]: the torch path (ties: smallest id)."""
+    next_ids = scores.argmax(dim=-1)
+    chosen = scores.gather(1, next_ids[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+    return next_ids, chosen
 
 
 def _draw(scores: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
@@ -297,8 +320,8 @@ def _draw(scores: torch.Tensor, batch: SamplingBatch, draw_index: torch.Tensor,
     warped = apply_warpers(scores, batch.flags, pick(batch.temperature), pick(batch.top_k),
                            pick(batch.top_p), pick(batch.typical_p), pick(batch.min_p))
     keys = draw_keys(pick(batch.seed), pick(draw_index))
-    kernel = _fused_draw() if warped.is_cuda else None
-    return (kernel or gumbel_argmax)(warped.contiguous(), keys), warped
+    kernels = _kernels() if warped.is_cuda else None
+    return (kernels.gumbel_argmax if kernels else gumbel_argmax)(warped.contiguous(), keys), warped
 
 
 def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -308,13 +331,13 @@ def gumbel_argmax(scores: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _fused_draw() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The one-pass Triton draw (shard/sampling_kernel.py), or None without Triton."""
+def _kernels() -> ModuleType | None:
+    """The Triton passes (shard/sampling_kernel.py), or None without Triton."""
     try:
-        from shardgen.shard.sampling_kernel import gumbel_argmax as fused
+        from shardgen.shard import sampling_kernel
     except ImportError:
         return None
-    return fused
+    return sampling_kernel
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch,
