@@ -154,3 +154,26 @@ def test_info_describes_the_model(stories_server: Server) -> None:
     assert info["model_dtype"] == "float32"
     assert info["model_device_type"] == "cpu"
     assert info["max_total_tokens"] <= 512
+
+
+def test_running_ahead_gives_the_same_tokens(tmp_path) -> None:
+    """The shard launching each next decode before it answers (RunAhead, on by default on
+    CUDA, forced here on CPU) changes no token: alone, 12 at once, and with stop sequences
+    cutting requests out of the batch between steps (the step ahead is then adopted in
+    part)."""
+    server = Server("--model-id", str(STORIES), "--run-ahead", log_path=tmp_path / "launcher.log")
+    try:
+        for prompt in PROMPTS:
+            body = generate(server, prompt, max_new_tokens=MAX_NEW_TOKENS, details=True).json()
+            assert [t["id"] for t in body["details"]["tokens"]] == reference_tokens(prompt)
+        jobs = [(PROMPTS[i % 4], ["little"] if i % 3 == 0 else []) for i in range(12)]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            responses = list(pool.map(lambda job: generate(server, job[0], max_new_tokens=MAX_NEW_TOKENS,
+                                                           stop=job[1], details=True), jobs))
+        for (prompt, stop), response in zip(jobs, responses):
+            assert response.status_code == 200, response.text
+            ids = [t["id"] for t in response.json()["details"]["tokens"]]
+            reference = reference_tokens(prompt)
+            assert ids == reference[:len(ids)] and (stop or ids == reference)
+    finally:
+        server.stop()

@@ -56,6 +56,9 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
                   help="Capture decode steps as CUDA graphs (default on a single GPU)."),
     ForwardedFlag("--no-cuda-graphs", is_switch=True, help="Run decode steps eagerly."),
     ForwardedFlag("--cuda-graph-max-batch-size", help="Largest decode batch captured in a graph."),
+    ForwardedFlag("--run-ahead", is_switch=True,
+                  help="Launch each next decode step before answering (default on CUDA)."),
+    ForwardedFlag("--no-run-ahead", is_switch=True, help="Run one step per call, nothing ahead."),
     ForwardedFlag("--otlp-endpoint", type=str, help=argparse.SUPPRESS),
     ForwardedFlag("--otlp-service-name", type=str, help=argparse.SUPPRESS),
 )

@@ -118,15 +118,16 @@ class ShardClient:
     async def prefill(self, batch: generate_pb2.Batch,
                       cached_batch: generate_pb2.CachedBatch | None = None,
                       block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-                      ) -> generate_pb2.PrefillResponse:
+                      run_ahead: bool = False) -> generate_pb2.PrefillResponse:
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
-                                              block_extensions=block_extensions)
+                                              block_extensions=block_extensions, run_ahead=run_ahead)
         return (await self._broadcast("Prefill", request, self._step_timeout_s))[0]
 
     async def decode(self, batches: Sequence[generate_pb2.CachedBatch],
                      block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-                     ) -> generate_pb2.DecodeResponse:
-        request = generate_pb2.DecodeRequest(batches=batches, block_extensions=block_extensions)
+                     run_ahead: bool = False) -> generate_pb2.DecodeResponse:
+        request = generate_pb2.DecodeRequest(batches=batches, block_extensions=block_extensions,
+                                             run_ahead=run_ahead)
         return (await self._broadcast("Decode", request, self._step_timeout_s))[0]
 
     async def filter_batch(self, batch_id: int, request_ids: Sequence[int]

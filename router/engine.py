@@ -312,6 +312,8 @@ class Engine:
                 id=self._batch_id, request_ids=[seq.request_id for seq in plan.decoding])
         self._note_scheduled(plan.chunks)
         method = "prefill" if plan.chunks else "decode"
+        # When the next step is likely this batch's plain decode, the shards start it now.
+        run_ahead = self._scheduler.decodes_only_next(plan)
         started = time.perf_counter()
         with step_span(method, lambda: self._riders(plan.decoding, plan.chunks),
                        lambda: _step_attributes(plan)) as span:
@@ -320,10 +322,10 @@ class Engine:
                                            requests=[self._request_proto(c) for c in plan.chunks])
                 span.set_attribute(engine_spans.BATCH_ID, batch.id)
                 response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse = (
-                    await self._client.prefill(batch, cached, extensions))
+                    await self._client.prefill(batch, cached, extensions, run_ahead))
             else:
                 assert cached is not None
-                response = await self._client.decode([cached], extensions)
+                response = await self._client.decode([cached], extensions, run_ahead)
             if span.is_recording():
                 span.set_attributes({engine_spans.FORWARD_NS: response.timings.forward_ns,
                                      engine_spans.STEP_NS: response.timings.total_ns})

@@ -330,6 +330,25 @@ class Scheduler:
             raise BatchMismatchError(
                 f"the shards' batch holds {sorted(batch_ids)}, expected {sorted(still_running)}")
 
+    def decodes_only_next(self, plan: StepPlan) -> bool:
+        """Whether the step after `plan` is likely the plain decode of the batch `plan`
+        leaves: no prompt chunk is left, and the next schedule() would start no waiting
+        request. The engine then asks the shards to run that step ahead (RunAhead in
+        generate.proto); a wrong guess costs one discarded step on the device."""
+        finishing = {id(chunk.seq) for chunk in plan.chunks if chunk.is_last}
+        if any(id(seq) not in finishing for seq in self._prefilling):
+            return False
+        if not self._waiting:
+            return True
+        head = self._waiting[0]
+        if head.blocked_at_free is not None and self._blocks.num_free_blocks <= head.blocked_at_free:
+            return True   # no block came free for it: schedule() will not start it
+        running = len(plan.decoding) + len(finishing)
+        if not running or self._steps_since_admission + 1 >= self._config.max_waiting_tokens:
+            return False
+        wanted = max(1, math.floor(running * self._config.waiting_served_ratio))
+        return self._count_startable(self._prefill_budget.current, plan, wanted) < wanted
+
     def out_of_memory(self) -> int:
         """A step ran out of device memory: cut the prefill budget; returns the new one."""
         return self._prefill_budget.out_of_memory()
@@ -356,10 +375,14 @@ class Scheduler:
                                          f"after {seq.num_generated} generated tokens"))
 
     def _grow_running(self, plan: StepPlan) -> None:
-        """Give every running request a block for the token it computes next.
+        """Give every running request a block for the token it computes next, then, while
+        blocks are free, for the token after it (RunAhead in generate.proto: the shards may
+        compute that one before the next call).
 
         Oldest first; when blocks run out the newest holder is preempted, which may be the
-        request itself. A request that alone cannot grow can never finish: it fails.
+        request itself. A request that alone cannot grow can never finish: it fails. Blocks
+        for the token after next are never worth a preemption: without them, the shards
+        only wait for the next call.
         """
         growing = [seq for seq in self._running
                    if len(seq.blocks) * self._block_size < len(seq.token_ids)]
@@ -378,6 +401,21 @@ class Scheduler:
                     break
                 victim = max(self._prefilling + self._running, key=lambda s: s.request_id)
                 self._preempt(victim, plan)
+        for seq in self._running:
+            ahead = self._tokens_ahead(seq)
+            if len(seq.blocks) * self._block_size >= ahead:
+                continue
+            allocation = self._blocks.allocate(seq.request_id, seq.token_ids, ahead)
+            if allocation is None:
+                break
+            seq.blocks = list(allocation.blocks)
+            plan.extensions.setdefault(seq.request_id, []).extend(allocation.new_blocks)
+
+    @staticmethod
+    def _tokens_ahead(seq: Sequence) -> int:
+        """Positions a request's blocks cover to hold the token after the one it computes
+        next; its last token is never computed (nothing follows it)."""
+        return max(len(seq.token_ids), min(len(seq.token_ids) + 1, seq.prompt_len + seq.max_new_tokens - 1))
 
     def _too_long_message(self, seq: Sequence, needed_tokens: int) -> str:
         return (f"request {seq.request_id} needs {blocks_for(needed_tokens, self._block_size)} "
@@ -450,16 +488,23 @@ class Scheduler:
         """Allocate blocks for the whole sequence and plan its first chunk; None if full.
 
         Blocks for the whole prompt, not only the first chunk: the contract gives a slot for
-        every position to the end of input_ids in each chunk's request.
+        every position to the end of input_ids in each chunk's request; and, when they fit,
+        for the token the prompt samples.
         """
         free = self._blocks.num_free_blocks
         if seq.blocked_at_free is not None and free <= seq.blocked_at_free:
             # It did not fit and no block came free since: matching its prompt against the
             # prefix index again would cost O(prompt) every step for the same answer.
             return None
-        allocation = self._blocks.allocate(seq.request_id, seq.token_ids, len(seq.token_ids),
-                                           priority=seq.priority,
-                                           priority_tokens=seq.priority_tokens)
+        allocation = None
+        # The slot of the token it samples too, for a step run ahead; the prompt alone if
+        # only that fits.
+        for tokens in dict.fromkeys((self._tokens_ahead(seq), len(seq.token_ids))):
+            allocation = self._blocks.allocate(seq.request_id, seq.token_ids, tokens,
+                                               priority=seq.priority,
+                                               priority_tokens=seq.priority_tokens)
+            if allocation is not None:
+                break
         if allocation is None:
             seq.blocked_at_free = free
             return None

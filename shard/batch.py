@@ -249,12 +249,37 @@ class DecodeBatch:
         return blocks.astype(np.int64) * block_size + positions % block_size
 
     def advance(self, next_ids: np.ndarray, next_ids_device: torch.Tensor) -> None:
-        """Commit a step: every row generated `next_ids` (host and device copies)."""
+        """Commit a step: every row generated `next_ids` (host and device copies).
+
+        The penalty statistics are not touched: the step observed its tokens on the device
+        when it was launched (`SamplingBatch.observe`), before any step after it.
+        """
         self.last_tokens = next_ids.astype(np.int64)
         self.last_tokens_device = next_ids_device
         self.seq_lens = self.seq_lens + 1
         self.num_generated = self.num_generated + 1
-        self.sampling.observe(next_ids_device)
+
+    def continuing_rows(self, max_positions: int) -> list[int]:
+        """Rows that the step now running cannot stop on length: after it, each has
+        generated fewer than its maximum and its next input still has a position."""
+        going_on = (self.num_generated + 1 < self.max_generated) & (self.seq_lens + 1 <= max_positions)
+        return np.flatnonzero(going_on).tolist()
+
+    def successor(self, rows: Sequence[int], next_ids_device: torch.Tensor) -> DecodeBatch:
+        """The given rows as the step now running leaves them (one token longer), for a
+        step launched before this one's tokens reach the host: their last tokens exist only
+        on the device (`next_ids_device`, one per row of this batch); `last_tokens` holds -1."""
+        every_row = len(rows) == len(self)
+        batch = self if every_row else self.select(rows)
+        index = torch.as_tensor(rows, dtype=torch.int64, device=next_ids_device.device)
+        return dataclasses.replace(
+            batch, seq_lens=batch.seq_lens + 1, num_generated=batch.num_generated + 1,
+            last_tokens=np.full(len(rows), -1, dtype=np.int64),
+            last_tokens_device=next_ids_device if every_row else next_ids_device.index_select(0, index))
+
+    def has_next_slots(self, block_size: int) -> bool:
+        """Whether every row's block table covers the position its next input goes to."""
+        return bool(np.all((self.seq_lens - 1) // block_size < self.num_blocks))
 
 
 @dataclass
@@ -341,7 +366,8 @@ def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_si
         tables.append(np.asarray(seq.blocks, dtype=np.int32)[None, :])
     inputs = _to_device(layout, tables, upload or (lambda array: torch.from_numpy(array).to(device)))
     if running is not None and running.last_tokens_device is not None and not new:
-        inputs.input_ids = running.last_tokens_device
+        # A decode-only step: its rows are the sampled ones, fed the tokens they sampled last.
+        inputs.input_ids = inputs.previous_tokens = running.last_tokens_device
     return inputs
 
 

@@ -45,6 +45,7 @@ class ShardConfig:
     kernel_backend: str = "torch"       # "triton" | "torch": the hot-path ops (shard/layers/ops.py)
     cuda_graphs: bool = False           # capture decode steps as CUDA graphs at warm-up
     cuda_graph_max_batch_size: int = 256
+    run_ahead: bool = False             # launch the next decode before answering (generate.proto)
 
     @property
     def socket_path(self) -> str:
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the Triton kernels).")
     parser.add_argument("--cuda-graph-max-batch-size", type=int, default=256,
                         help="Largest decode batch captured as a graph; larger ones run eagerly.")
+    parser.add_argument("--run-ahead", default=None, action=argparse.BooleanOptionalAction,
+                        help="Launch the next decode step before answering the router's call, when "
+                             "it asks (default: on for CUDA, where it hides the host's work).")
     parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
     parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
     # Forwarded by the launcher with its router flags; accepted so that the command line
@@ -150,6 +154,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         kernel_backend=kernel_backend,
         cuda_graphs=_resolve_cuda_graphs(args.cuda_graphs, device_type, kernel_backend, world_size),
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        run_ahead=device_type == "cuda" if args.run_ahead is None else args.run_ahead,
     )
 
 

@@ -53,7 +53,7 @@ def build_runner(config: ShardConfig) -> ModelRunner:
                           config.cuda_memory_fraction)
     graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size)
     return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank,
-                       graphs=graphs)
+                       graphs=graphs, run_ahead=config.run_ahead)
 
 
 async def run(config: ShardConfig, faults: FaultInjection | None = None) -> None:

@@ -10,6 +10,13 @@ On CUDA a decode step replays a captured graph (shard/cuda_graphs.py); its input
 through pinned memory without blocking, its sampled ids stay on the device as the next
 step's inputs, and its results come back in non-blocking copies that the host waits for
 only when it builds the answer.
+
+Run-ahead (generate.proto, RunAhead): when the router asks, the runner launches the next
+decode step right behind the current one, before it waits for the current results, so
+the device never idles while the host commits, answers and hears the next call. The next
+Decode adopts that step when it names the same requests (or some) at the same lengths;
+anything else discards it. Penalty statistics are observed on the device when a step is
+launched (or adopted), so a step ahead sees the tokens of the step before it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +98,45 @@ class MemoryPolicy:
     cuda_memory_fraction: float
 
 
+@dataclass(eq=False)
+class _AheadStep:
+    """A decode step launched before the router asked for it (run-ahead).
+
+    `batch` is its rows as the step before it leaves them; `picked` its sampler output on
+    the device, `results` the same on its way to the host.
+    """
+
+    batch: DecodeBatch
+    picked: SampleOutput
+    results: HostCopy
+    launched_ns: int
+
+    def rows_for(self, batch: DecodeBatch) -> list[int] | None:
+        """This step's rows of `batch`'s requests, in `batch`'s order; None unless every
+        one of them is here at the same length (then this step is the one it asks for)."""
+        index = {rid: row for row, rid in enumerate(self.batch.request_ids)}
+        rows = [index.get(rid) for rid in batch.request_ids]
+        if any(row is None for row in rows):
+            return None
+        found = [row for row in rows if row is not None]
+        if not np.array_equal(self.batch.seq_lens[found], batch.seq_lens):
+            return None
+        return found
+
+    def picked_rows(self, rows: list[int]) -> SampleOutput:
+        """The device outputs of `rows` (all of them, in order, needs no copy)."""
+        if rows == list(range(len(self.batch))):
+            return self.picked
+        index = torch.as_tensor(rows, dtype=torch.int64, device=self.picked.next_ids.device)
+        return SampleOutput(*(field.index_select(0, index) for field in _fields(self.picked)))
+
+    def host_rows(self, on_host: SampleOutput, rows: list[int]) -> SampleOutput:
+        if rows == list(range(len(self.batch))):
+            return on_host
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        return SampleOutput(*(field.index_select(0, index) for field in _fields(on_host)))
+
+
 class ModelRunner:
     """One shard's model and state. Not thread-safe: call one method at a time.
 
@@ -99,7 +146,7 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, facts: ModelFacts, memory: MemoryPolicy, *,
                  device: torch.device, dtype: torch.dtype, rank: int = 0,
-                 graphs: GraphPolicy | None = None) -> None:
+                 graphs: GraphPolicy | None = None, run_ahead: bool | None = None) -> None:
         self.model = model
         self.facts = facts
         self.memory = memory
@@ -116,6 +163,11 @@ class ModelRunner:
                              f"with the {model.ops.name} ops")
         self.graphs: DecodeGraphs | None = None
         self._upload = PinnedUpload(device)
+        # Honour run_ahead requests (None: where launches overlap the host, i.e. on CUDA).
+        self.run_ahead = device.type == "cuda" if run_ahead is None else run_ahead
+        self._ahead: _AheadStep | None = None
+        # Steps run ahead: launched, adopted by the next Decode, discarded (tests, logs).
+        self.run_ahead_counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ warm-up, health
 
@@ -124,6 +176,7 @@ class ModelRunner:
         """Run the largest step, allocate the KV cache, capture the decode graphs; forgets
         every batch."""
         self.batches.clear()
+        self._discard_ahead()
         self.graphs = None  # they hold the old cache: release both before measuring
         self.cache = None
         shape = WarmupShape.of(request.max_batch_prefill_tokens, request.max_batch_size,
@@ -195,7 +248,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ batch state
 
     def clear_cache(self, batch_id: int | None) -> None:
-        """Forget one cached batch (unknown ids are ignored), or all of them."""
+        """Forget one cached batch (unknown ids are ignored), or all of them; and any step
+        run ahead."""
+        self._discard_ahead()
         if batch_id is None:
             self.batches.clear()
         else:
@@ -214,6 +269,11 @@ class ModelRunner:
         kept = batch.select([rows[rid] for rid in request.request_ids])
         self._store(kept)
         return generate_pb2.CachedBatch(id=kept.batch_id, request_ids=kept.request_ids)
+
+    def _discard_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead = None
+            self.run_ahead_counts["discarded"] += 1
 
     def _batch(self, batch_id: int) -> DecodeBatch:
         try:
@@ -260,7 +320,7 @@ class ModelRunner:
             raise ValueError("Prefill needs at least one request or a cached batch")
         self._check_new_ids(new)
         output = self._step(cache, limits, running, new, request.block_extensions,
-                            request.batch.id)
+                            request.batch.id, request.run_ahead)
         self._store(output.batch, replaced=[b.batch_id for b in running])
         return generate_pb2.PrefillResponse(
             generations=output.generations, batch=_cached(output.batch),
@@ -275,7 +335,7 @@ class ModelRunner:
             raise ValueError("Decode needs at least one cached batch")
         running = self._running(request.batches)
         output = self._step(cache, limits, running, [], request.block_extensions,
-                            request.batches[0].id)
+                            request.batches[0].id, request.run_ahead)
         self._store(output.batch, replaced=[b.batch_id for b in running])
         return generate_pb2.DecodeResponse(
             generations=output.generations, batch=_cached(output.batch),
@@ -299,14 +359,15 @@ class ModelRunner:
 
     def _step(self, cache: PagedKVCache, limits: CacheLimits, running: list[DecodeBatch],
               new: list[NewSequence], extensions: Sequence[generate_pb2.BlockTableExtension],
-              batch_id: int) -> StepOutput:
-        """Check and lay out, compute, then commit one step.
+              batch_id: int, run_ahead: bool) -> StepOutput:
+        """Check and lay out, compute (or adopt the step run ahead), then commit one step.
 
         Spans: `kv_write` lays out where the step's keys and values go (the router's block
         extensions applied, each new token's slot computed, the slot mapping sent to the
         device; the element writes run in each attention layer, inside `forward`), then
-        `forward` and `sampling` (in _compute).
+        `forward` and `sampling` (in _compute), and `run_ahead` around the next step's launch.
         """
+        ahead, self._ahead = self._ahead, None
         with optional_span(_tracer, "kv_write") as span:
             extended = _extend(running, extensions, limits)
             decoding = DecodeBatch.concat(batch_id, extended) if extended else None
@@ -315,22 +376,68 @@ class ModelRunner:
                 [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
                 if finishing else [])
             sampled = DecodeBatch.concat(batch_id, parts) if parts else None
-            inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
-                                upload=self._upload)
+            adopted = ahead.rows_for(decoding) if ahead is not None and decoding is not None and not new \
+                else None
+            if adopted is None:
+                inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
+                                    upload=self._upload)
             if span.is_recording():
                 span.set_attributes({
-                    "shardgen.kv.slots": int(inputs.attn.slot_mapping.shape[0]),
-                    "shardgen.kv.blocks_extended": sum(len(e.blocks) for e in extensions)})
-        forward_started = time.perf_counter_ns()
-        hidden, picked = self._compute(cache, inputs, sampled)
-        # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
-        results = HostCopy(*_fields(picked)) if picked is not None else None
-        prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
-        on_host = SampleOutput(*results.wait()) if results is not None else None
+                    "shardgen.kv.slots": len(sampled) if adopted is not None
+                    else int(inputs.attn.slot_mapping.shape[0]),
+                    "shardgen.kv.blocks_extended": sum(len(e.blocks) for e in extensions),
+                    "shardgen.run_ahead.adopted": adopted is not None})
+        if ahead is not None:
+            self.run_ahead_counts["adopted" if adopted is not None else "discarded"] += 1
+        prompt: dict[int, generate_pb2.Tokens] = {}
+        if adopted is not None:
+            assert ahead is not None and sampled is not None
+            forward_started = ahead.launched_ns
+            picked: SampleOutput | None = ahead.picked_rows(adopted)
+            results: HostCopy | None = ahead.results
+            sampled.sampling.observe(picked.next_ids)
+        else:
+            forward_started = time.perf_counter_ns()
+            hidden, picked = self._compute(cache, inputs, sampled)
+            # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
+            results = HostCopy(*_fields(picked)) if picked is not None else None
+            if picked is not None and sampled is not None:
+                sampled.sampling.observe(picked.next_ids)
+            prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
+        if run_ahead and self.run_ahead and sampled is not None and picked is not None:
+            self._ahead = self._launch_ahead(cache, limits, sampled, picked)
+        on_host = None
+        if results is not None:
+            on_host = SampleOutput(*results.wait())
+            if adopted is not None and ahead is not None:
+                on_host = ahead.host_rows(on_host, adopted)
         forward_ns = time.perf_counter_ns() - forward_started
         batch, generations = self._commit(sampled, picked, on_host, new, prompt,
                                           limits.max_positions)
         return StepOutput(batch, generations, forward_ns)
+
+    def _launch_ahead(self, cache: PagedKVCache, limits: CacheLimits, sampled: DecodeBatch,
+                      picked: SampleOutput) -> _AheadStep | None:
+        """Launch the decode step after the one just queued (its rows fed the tokens it is
+        sampling, still on the device); None when it cannot run: every row stops on length,
+        or some row lacks the block of its next position."""
+        rows = sampled.continuing_rows(limits.max_positions)
+        if not rows:
+            return None
+        batch = sampled.successor(rows, picked.next_ids)
+        if not batch.has_next_slots(limits.block_size):
+            logger.debug("not running ahead: a request lacks the block of its next position")
+            return None
+        with optional_span(_tracer, "run_ahead") as span:
+            if span.is_recording():
+                span.set_attribute("shardgen.batch.size", len(batch))
+            inputs = build_step(batch, [], limits.block_size, self.device, sampled=batch,
+                                upload=self._upload)
+            launched = time.perf_counter_ns()
+            _, ahead_picked = self._compute(cache, inputs, batch)
+            assert ahead_picked is not None
+            self.run_ahead_counts["launched"] += 1
+            return _AheadStep(batch, ahead_picked, HostCopy(*_fields(ahead_picked)), launched)
 
     def _commit(self, sampled: DecodeBatch | None, picked: SampleOutput | None,
                 on_host: SampleOutput | None, new: Sequence[NewSequence],

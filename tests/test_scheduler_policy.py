@@ -79,20 +79,26 @@ def test_a_long_prompt_is_computed_one_chunk_per_step_while_others_decode():
     assert scheduler.running_ids == [1, 2]
 
 
-def test_running_requests_get_a_new_block_when_they_cross_a_boundary():
+def test_running_requests_get_a_new_block_one_position_ahead():
+    """Blocks cover the token a request computes next and the one after it (the shards may
+    run that step ahead); the last token, which is never computed, gets none."""
     scheduler, _ = make(block_size=4)
     scheduler.add(seq(1, 6, max_new_tokens=8))
     run(scheduler, scheduler.schedule(0.0))          # positions 0-5 in 2 blocks; token 6 sampled
-    plan = scheduler.schedule(0.0)                    # computes position 6: still block 2
+    plan = scheduler.schedule(0.0)                    # computes position 6; position 7 is in block 2 too
     assert plan.extensions == {}
     run(scheduler, plan)
-    plan = scheduler.schedule(0.0)                    # computes position 7
-    assert plan.extensions == {}
-    run(scheduler, plan)
-    plan = scheduler.schedule(0.0)                    # position 8 needs a third block
+    plan = scheduler.schedule(0.0)                    # computes position 7; position 8 needs a third block
     (request_id, new_blocks), = plan.extensions.items()
     assert request_id == 1 and len(new_blocks) == 1
     assert plan.decoding[0].blocks[-1] == new_blocks[0]
+    run(scheduler, plan)
+    assert scheduler.schedule(0.0).extensions == {}   # computes position 8: its block is there
+
+    scheduler, _ = make(block_size=4)
+    scheduler.add(seq(2, 4, max_new_tokens=1))        # its only token is sampled, never computed
+    plan = scheduler.schedule(0.0)
+    assert len(plan.chunks[0].seq.blocks) == 1
 
 
 def test_new_requests_wait_for_the_served_ratio_or_max_waiting_tokens():
@@ -152,14 +158,19 @@ def test_a_prompt_larger_than_the_whole_cache_is_refused_with_the_numbers():
 
 
 def test_preemption_takes_the_newest_requests_back_to_the_front_of_the_queue():
-    # 4 usable blocks of 4 tokens; four prompts of 4 tokens fill them.
+    # 4 usable blocks of 4 tokens; four prompts of 3 tokens fill them, each with the slot of
+    # the token it samples.
     scheduler, blocks = make(num_blocks=5, block_size=4)
-    scheduler.add(seq(1, 4, max_new_tokens=3))
+    scheduler.add(seq(1, 3, max_new_tokens=4))
     for request_id in (2, 3, 4):
-        scheduler.add(seq(request_id, 4, max_new_tokens=6))
+        scheduler.add(seq(request_id, 3, max_new_tokens=6))
     scheduler.add(seq(5, 2))
     run(scheduler, scheduler.schedule(0.0))
     assert scheduler.running_ids == [1, 2, 3, 4] and blocks.num_free_blocks == 0
+
+    plan = scheduler.schedule(0.0)       # position 3 of each is in its block; none is free for
+    assert not plan.preempted and plan.extensions == {}   # position 4, and that is no reason to preempt
+    run(scheduler, plan)
 
     plan = scheduler.schedule(0.0)       # position 4 of each needs a block: none is free
     assert [s.request_id for s in plan.preempted] == [4, 3]
@@ -168,16 +179,16 @@ def test_preemption_takes_the_newest_requests_back_to_the_front_of_the_queue():
     assert [s.request_id for s in scheduler._waiting] == [3, 4, 5]
     preempted = scheduler.get(4)
     assert preempted.status is SeqStatus.WAITING and preempted.blocks == []
-    assert preempted.token_ids[4:] == [TOKEN] and preempted.num_generated == 1
+    assert preempted.token_ids[3:] == [TOKEN, TOKEN] and preempted.num_generated == 2
     blocks.check_invariants()
     run(scheduler, plan)
 
     plan = scheduler.schedule(0.0)
     assert not plan.chunks and not plan.batch_changed
-    assert [s.num_generated for s in run(scheduler, plan)] == [3]   # request 1 is done
+    assert [s.num_generated for s in run(scheduler, plan)] == [4]   # request 1 is done
 
     plan = scheduler.schedule(0.0)
-    # Request 3 is recomputed from its prompt and its token: 5 tokens, 2 blocks.
+    # Request 3 is recomputed from its prompt and its two tokens: 5 tokens, 2 blocks.
     assert chunks_of(plan) == [(3, 0, 5)]
 
 
@@ -260,7 +271,7 @@ def test_admission_does_not_retry_a_request_until_blocks_come_free():
     blocks.allocate = lambda *args, **kw: calls.append(args[0]) or allocate(*args, **kw)
     run(scheduler, scheduler.schedule(0.0))   # request 2 does not fit beside request 1
     run(scheduler, scheduler.schedule(0.0))   # request 1 finishes here
-    assert calls.count(2) == 1
+    assert calls.count(2) == 2   # one try: with the slot of its first token, then without
     assert chunks_of(scheduler.schedule(0.0)) == [(2, 0, 8)]
 
 
