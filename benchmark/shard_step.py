@@ -148,7 +148,7 @@ class Driver:
         rid = self.next_id
         self.next_id += 1
         self.blocks[rid], self.length[rid], self.tokens[rid], self.logprobs[rid] = [], len(prompt), [], []
-        self._grow(rid, len(prompt))
+        self._grow(rid, len(prompt) + 1)   # and the slot of the token it samples (run-ahead)
         table = self.blocks[rid]
         return pb.Request(
             id=rid, input_ids=prompt, blocks=table,
@@ -166,13 +166,16 @@ class Driver:
         self._absorb(self._call(self.runner.prefill, message))
 
     def decode(self) -> None:
-        """One Decode call over every waiting batch (the shard merges them into one)."""
-        message = pb.DecodeRequest(batches=self.batches, block_extensions=self._extensions())
-        self._absorb(self._call(self.runner.decode, message), replace=True)
+        """One Decode call over every waiting batch (the shard merges them into one), asking
+        the shard to run the next one ahead (it does when its --run-ahead policy says so)."""
+        message = pb.DecodeRequest(batches=self.batches, block_extensions=self._extensions(), run_ahead=True)
+        self._absorb(self._call(self.runner.decode, message, sync=False), replace=True)
 
-    def _call(self, method: Callable[[object], object], message: object) -> object:
-        """The runner's answer; its wall time alone (not this driver's) goes to `calls`."""
-        torch.cuda.synchronize()
+    def _call(self, method: Callable[[object], object], message: object, sync: bool = True) -> object:
+        """The runner's answer; its wall time alone (not this driver's) goes to `calls`.
+        `sync` first waits for the device (a prefill's time is then its own)."""
+        if sync:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         response = method(message)
         self.calls.append((started, time.perf_counter() - started))
@@ -181,7 +184,7 @@ class Driver:
     def _extensions(self) -> list[pb.BlockTableExtension]:
         out = []
         for rid in (r for batch in self.batches for r in batch.request_ids):
-            new = self._grow(rid, self.length[rid])
+            new = self._grow(rid, self.length[rid] + 1)  # one position ahead, as the router does
             if new:
                 out.append(pb.BlockTableExtension(request_id=rid, blocks=new))
         return out
@@ -217,7 +220,8 @@ def build_runner(args: argparse.Namespace, backend: str, graphs: bool, num_block
     model = load_model(args.model, dtype=dtype, device=device, kernel_backend=backend)
     runner = ModelRunner(model, ModelFacts.read(args.model, model),
                          MemoryPolicy(BLOCK_SIZE, 0, num_blocks, args.memory_fraction),
-                         device=device, dtype=dtype, graphs=GraphPolicy(graphs, max(max_batch, 1)))
+                         device=device, dtype=dtype, graphs=GraphPolicy(graphs, max(max_batch, 1)),
+                         run_ahead=not args.no_run_ahead)
     runner.warmup(pb.WarmupRequest(max_batch_prefill_tokens=args.max_prefill_tokens,
                                    max_batch_size=max_batch, max_total_tokens=max_total))
     return runner
@@ -272,18 +276,23 @@ class StepTimer:
 
 
 def time_decode(driver: Driver, steps: int, warmup: int) -> dict[str, float]:
-    """Medians over the timed Decode calls: the runner's wall time, the GPU time of the
-    step, and the host time before its first kernel (all in seconds)."""
+    """Seconds per step of back-to-back Decode calls in steady state (from one answer to
+    the answer `steps` calls later, the driver's own bookkeeping included, as a router's
+    would be), the median GPU time of a step, and the median host time from a call to its
+    step's first kernel. With run-ahead, a call's kernels are the next step's."""
     for _ in range(warmup):
         driver.decode()
     driver.calls.clear()
     with StepTimer(driver.runner) as timer:
+        started = time.perf_counter()
         for _ in range(steps):
             driver.decode()
+        wall = (time.perf_counter() - started) / steps
     gpu = timer.gpu_seconds()
     before = [entered - started for entered, (started, _) in zip(timer.entered, driver.calls)]
-    return {"wall_s": statistics.median(s for _, s in driver.calls), "gpu_s": statistics.median(gpu),
-            "host_before_s": statistics.median(before)}
+    return {"wall_s": wall, "gpu_s": statistics.median(gpu),
+            "host_before_s": statistics.median(before) if before else float("nan"),
+            "call_s": statistics.median(s for _, s in driver.calls)}
 
 
 def bench_batch(driver: Driver, shapes: Shapes, batch: int, args: argparse.Namespace,
@@ -298,7 +307,8 @@ def bench_batch(driver: Driver, shapes: Shapes, batch: int, args: argparse.Names
         "prefill_calls_s": prefill}
     context = args.context + args.warmup_steps + args.decode_steps / 2
     decode = time_decode(driver, args.decode_steps, args.warmup_steps)
-    row |= {"decode_wall_s": decode["wall_s"], "decode_gpu_s": decode["gpu_s"],
+    row |= {"decode_wall_s": decode["wall_s"], "decode_gpu_s": decode["gpu_s"], "decode_call_s": decode["call_s"],
+            "run_ahead": driver.runner.run_ahead,
             "decode_host_before_s": decode["host_before_s"],
             "decode_floor_s": shapes.decode_floor_s(batch, context, hw["bandwidth"]),
             "decode_mean_context": context, "decode_graphs": driver.runner.graphs is not None}
@@ -447,6 +457,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernel-backend", default="auto", choices=("auto", "triton", "torch"))
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--compare-eager", action="store_true", help="Also time decode without graphs.")
+    parser.add_argument("--no-run-ahead", action="store_true",
+                        help="Decode one step per call (the shard launches nothing ahead).")
     parser.add_argument("--memory-fraction", type=float, default=0.9)
     parser.add_argument("--check-tokens", type=int, default=0,
                         help="Instead: compare N greedy tokens of Triton+graphs with the torch path.")
