@@ -316,3 +316,31 @@ def test_random_traffic_on_a_tiny_cache_always_completes_and_frees_every_block(s
     assert not failed
     assert done == expected
     assert preemptions > 0, "the cache was meant to be too small for the traffic"
+
+
+def test_the_next_step_is_called_a_plain_decode_only_when_no_prompt_would_start():
+    scheduler, _ = make(max_batch_prefill_tokens=8, waiting_served_ratio=0.5, max_waiting_tokens=3)
+    scheduler.add(seq(1, 12, max_new_tokens=20))
+    plan = scheduler.schedule(0.0)                 # the first chunk of 8: another follows
+    assert not scheduler.decodes_only_next(plan)
+    run(scheduler, plan)
+    plan = scheduler.schedule(0.0)                 # its last chunk: nothing else waits
+    assert scheduler.decodes_only_next(plan)
+    run(scheduler, plan)
+    scheduler.add(seq(2, 4, max_new_tokens=20))
+    scheduler.add(seq(3, 4, max_new_tokens=20))
+    plan = scheduler.schedule(0.0)                 # 1 running wants 1 new: they start now
+    assert chunks_of(plan) == [(2, 0, 4), (3, 0, 4)] and scheduler.decodes_only_next(plan)
+    run(scheduler, plan)
+    scheduler.add(seq(4, 4, max_new_tokens=20))
+    plan = scheduler.schedule(0.0)                 # 3 running want 1 new (ratio 0.5): it starts
+    assert chunks_of(plan) == [(4, 0, 4)]
+    run(scheduler, plan)
+    scheduler.add(seq(5, 4, max_new_tokens=20))    # 4 running want 2 new: one waits...
+    plan = scheduler.schedule(0.0)
+    assert not plan.chunks and scheduler.decodes_only_next(plan)
+    run(scheduler, plan)
+    plan = scheduler.schedule(0.0)
+    assert not plan.chunks and not scheduler.decodes_only_next(plan)   # ...until max_waiting_tokens
+    run(scheduler, plan)
+    assert chunks_of(scheduler.schedule(0.0)) == [(5, 0, 4)]
