@@ -56,6 +56,8 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
                   help="Capture decode steps as CUDA graphs (default on a single GPU)."),
     ForwardedFlag("--no-cuda-graphs", is_switch=True, help="Run decode steps eagerly."),
     ForwardedFlag("--cuda-graph-max-batch-size", help="Largest decode batch captured in a graph."),
+    ForwardedFlag("--cuda-graph-max-prefill-tokens",
+                  help="Largest prefill or mixed step (tokens) replayed from a graph; 0: none."),
     ForwardedFlag("--run-ahead", is_switch=True,
                   help="Launch each next decode step before answering (default on CUDA)."),
     ForwardedFlag("--no-run-ahead", is_switch=True, help="Run one step per call, nothing ahead."),

@@ -45,6 +45,7 @@ class ShardConfig:
     kernel_backend: str = "torch"       # "triton" | "torch": the hot-path ops (shard/layers/ops.py)
     cuda_graphs: bool = False           # capture decode steps as CUDA graphs at warm-up
     cuda_graph_max_batch_size: int = 256
+    cuda_graph_max_prefill_tokens: int = 1024
     run_ahead: bool = False             # launch the next decode before answering (generate.proto)
 
     @property
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the Triton kernels).")
     parser.add_argument("--cuda-graph-max-batch-size", type=int, default=256,
                         help="Largest decode batch captured as a graph; larger ones run eagerly.")
+    parser.add_argument("--cuda-graph-max-prefill-tokens", type=int, default=1024,
+                        help="Largest prefill or mixed step (in tokens) replayed from a graph; 0: "
+                             "none, they all run eagerly.")
     parser.add_argument("--run-ahead", default=None, action=argparse.BooleanOptionalAction,
                         help="Launch the next decode step before answering the router's call, when "
                              "it asks (default: on for CUDA, where it hides the host's work).")
@@ -131,6 +135,8 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
            f"--distributed-timeout-s must be positive, got {args.distributed_timeout_s}")
     _check(args.cuda_graph_max_batch_size >= 1,
            f"--cuda-graph-max-batch-size must be at least 1, got {args.cuda_graph_max_batch_size}")
+    _check(args.cuda_graph_max_prefill_tokens >= 0,
+           f"--cuda-graph-max-prefill-tokens must be >= 0, got {args.cuda_graph_max_prefill_tokens}")
     device_type = _resolve_device(args.device, cuda_available)
     kernel_backend = _resolve_kernel_backend(args.kernel_backend, device_type)
     return ShardConfig(
@@ -154,6 +160,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         kernel_backend=kernel_backend,
         cuda_graphs=_resolve_cuda_graphs(args.cuda_graphs, device_type, kernel_backend, world_size),
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
+        cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         run_ahead=device_type == "cuda" if args.run_ahead is None else args.run_ahead,
     )
 

@@ -51,7 +51,8 @@ def build_runner(config: ShardConfig) -> ModelRunner:
                 config.dtype, device, config.rank, config.world_size)
     memory = MemoryPolicy(config.block_size, config.kv_cache_bytes, config.num_blocks,
                           config.cuda_memory_fraction)
-    graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size)
+    graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size,
+                         config.cuda_graph_max_prefill_tokens)
     return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank,
                        graphs=graphs, run_ahead=config.run_ahead)
 

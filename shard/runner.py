@@ -36,7 +36,7 @@ from opentelemetry import trace
 from shardgen.common.tracing import optional_span
 from shardgen.proto import generate_pb2
 from shardgen.shard.batch import CacheLimits, DecodeBatch, NewSequence, StepInputs, build_step
-from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy
+from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy, PrefillGraphs
 from shardgen.shard.interceptor import BatchNotFoundError, CapacityError, NotReadyError
 from shardgen.shard.kv_cache import KVCacheSpec, PagedKVCache
 from shardgen.shard.layers.attention import AttentionMetadata
@@ -162,6 +162,7 @@ class ModelRunner:
             raise ValueError(f"CUDA graphs need a CUDA device and the Triton kernels, got {device.type} "
                              f"with the {model.ops.name} ops")
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self._upload = PinnedUpload(device)
         # Honour run_ahead requests (None: where launches overlap the host, i.e. on CUDA).
         self.run_ahead = device.type == "cuda" if run_ahead is None else run_ahead
@@ -177,7 +178,7 @@ class ModelRunner:
         every batch."""
         self.batches.clear()
         self._discard_ahead()
-        self.graphs = None  # they hold the old cache: release both before measuring
+        self.graphs = self.prefill_graphs = None  # they hold the old cache: release all before measuring
         self.cache = None
         shape = WarmupShape.of(request.max_batch_prefill_tokens, request.max_batch_size,
                                request.max_total_tokens, self.facts.max_positions)
@@ -186,7 +187,10 @@ class ModelRunner:
                            "sequences will be rejected", request.max_total_tokens,
                            self.facts.max_positions)
         graph_batch = min(request.max_batch_size, self.graph_policy.max_batch_size)
-        num_blocks = self._measure_num_blocks(shape, graph_batch)
+        # A varlen step holds at most the prefill budget plus one token per running request.
+        graph_tokens = min(self.graph_policy.max_prefill_tokens,
+                           request.max_batch_prefill_tokens + request.max_batch_size)
+        num_blocks = self._measure_num_blocks(shape, graph_batch, graph_tokens)
         needed = required_blocks(request.max_total_tokens, self.spec.block_size)
         if self.memory.num_blocks is not None:
             num_blocks = self.memory.num_blocks
@@ -203,13 +207,18 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks,
                     self.spec.block_size, self.cache.nbytes / 2**20)
         if self.graph_policy.enabled:
-            self.graphs = DecodeGraphs.capture(self.model, self.cache, graph_batch,
-                                               required_blocks(request.max_total_tokens, self.spec.block_size))
+            table_width = required_blocks(request.max_total_tokens, self.spec.block_size)
+            pool = torch.cuda.graph_pool_handle()
+            self.graphs = DecodeGraphs.capture(self.model, self.cache, graph_batch, table_width, pool)
+            if graph_tokens:
+                self.prefill_graphs = PrefillGraphs.capture(self.model, self.cache, graph_tokens,
+                                                            request.max_batch_size, table_width, pool)
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.spec.block_size)
 
-    def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int) -> int:
+    def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int, graph_tokens: int) -> int:
         """Run the warm-up step on a temporary cache; blocks the real one may have (leaving
-        room for the decode graphs of up to `graph_batch` rows when they are on)."""
+        room for the decode graphs of up to `graph_batch` rows and the varlen graphs of up
+        to `graph_tokens` tokens when they are on)."""
         is_cuda = self.device.type == "cuda"
         if is_cuda:
             torch.cuda.empty_cache()
@@ -221,7 +230,9 @@ class ModelRunner:
                                             sampled=sampled), sampled)
         if not is_cuda:
             return self.spec.blocks_for_bytes(self.memory.kv_cache_bytes)
-        reserve = graph_reserve_bytes(graph_batch, self.facts.vocab_size, self.model.config.hidden_size) \
+        config = self.model.config
+        reserve = graph_reserve_bytes(graph_batch, self.facts.vocab_size, config.hidden_size, graph_tokens,
+                                      getattr(config, "intermediate_size", 4 * config.hidden_size)) \
             if self.graph_policy.enabled else 0
         num_blocks = cuda_num_blocks(self.spec, self.device, self.memory.cuda_memory_fraction,
                                      temporary.nbytes, reserve)
@@ -473,15 +484,20 @@ class ModelRunner:
         On CUDA both time the host's launch of the work; the RPC's span ends after the
         results reach the host.
         """
-        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None else None
+        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None and sampled is not None else None
+        varlen = self.prefill_graphs.bucket_for(inputs) if bucket is None and self.prefill_graphs is not None \
+            and cache is self.prefill_graphs.cache else None
         with optional_span(_tracer, "forward") as span:
             if span.is_recording():
                 span.set_attributes({"shardgen.tokens": int(inputs.input_ids.shape[0]),
-                                     "shardgen.cuda_graph": bucket is not None})
+                                     "shardgen.cuda_graph": bucket is not None or varlen is not None})
             if bucket is not None and self.graphs is not None and sampled is not None:
                 hidden, logits = self.graphs.replay(inputs, bucket)
             else:
-                hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
+                if varlen is not None and self.prefill_graphs is not None:
+                    hidden = self.prefill_graphs.replay(inputs, varlen)
+                else:
+                    hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
                 if sampled is None:
                     return hidden, None
                 logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))

@@ -76,14 +76,20 @@ class WarmupShape:
 _GRAPH_SLACK_BYTES = 256 * 2**20
 
 
-def graph_reserve_bytes(max_graph_batch: int, vocab_size: int, hidden_size: int) -> int:
-    """Memory to leave for decode graphs of up to `max_graph_batch` rows.
+def graph_reserve_bytes(max_graph_batch: int, vocab_size: int, hidden_size: int,
+                        max_graph_tokens: int = 0, intermediate_size: int = 0) -> int:
+    """Memory to leave for decode graphs of up to `max_graph_batch` rows and varlen graphs
+    of up to `max_graph_tokens` tokens (their pool is shared: the larger need counts).
 
-    Their pool keeps the largest bucket's outputs alive: float32 logits (and the model-dtype
-    ones they are cast from) and a few hidden-sized activations per row.
+    The decode pool keeps the largest bucket's outputs alive: float32 logits (and the
+    model-dtype ones they are cast from) and a few hidden-sized activations per row. A
+    varlen step holds, per token, a layer's activations at once: about a dozen hidden-sized
+    and three intermediate-sized vectors (fused gate and up, their product), in 4 bytes to
+    be generous.
     """
-    per_row = vocab_size * (4 + 4) + 16 * hidden_size * 4
-    return max_graph_batch * per_row + _GRAPH_SLACK_BYTES
+    decode = max_graph_batch * (vocab_size * (4 + 4) + 16 * hidden_size * 4)
+    varlen = max_graph_tokens * (12 * hidden_size + 3 * intermediate_size) * 4
+    return max(decode, varlen) + _GRAPH_SLACK_BYTES
 
 
 def cuda_num_blocks(spec: KVCacheSpec, device: torch.device, memory_fraction: float,

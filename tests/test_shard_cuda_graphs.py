@@ -1,8 +1,9 @@
-"""Decode CUDA graphs: buckets, padding rows, and (GPU) the same tokens as the eager torch path.
+"""CUDA graphs (decode and varlen): buckets, padding, and (GPU) the same tokens as the eager
+torch path.
 
 The static-buffer path runs eagerly on CPU too (no capture): a step padded to its bucket
-must give its real rows exactly the logits of the unpadded step, even when the padding
-rows held a larger, earlier step.
+must give its real rows exactly the logits (decode) or hidden states (varlen) of the
+unpadded step, even when the padding held a larger, earlier step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers import LlamaConfig
 
 from shardgen.proto import generate_pb2
 from shardgen.shard.batch import DecodeBatch, NewSequence, StoppingParams, build_step
-from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy, bucket_sizes
+from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy, PrefillGraphs, bucket_sizes, token_bucket_sizes
 from shardgen.shard.kv_cache import KVCacheSpec, PagedKVCache
 from shardgen.shard.models import load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
@@ -43,6 +44,15 @@ def test_buckets_are_powers_of_two_then_the_maximum() -> None:
     assert bucket_sizes(1) == [1]
     assert bucket_sizes(8) == [1, 2, 4, 8]
     assert bucket_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_token_buckets_pad_a_step_by_a_third_at_most() -> None:
+    assert token_bucket_sizes(8) == []
+    assert token_bucket_sizes(16) == [16]
+    assert token_bucket_sizes(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert token_bucket_sizes(1024)[-3:] == [512, 768, 1024]
+    sizes = token_bucket_sizes(4096)
+    assert all(b / a <= 1.5 for a, b in zip(sizes, sizes[1:]))
 
 
 def test_a_policy_needs_a_positive_batch() -> None:
@@ -104,6 +114,56 @@ def test_padded_steps_give_the_real_rows_the_unpadded_logits(model_path, backend
         rows = len(batch)
         torch.testing.assert_close(padded_logits[:rows], model.compute_logits(hidden), atol=1e-5, rtol=1e-5)
         assert not padded_hidden[rows:].isnan().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_varlen_steps_give_the_real_rows_the_unpadded_hidden_states(model_path, backend: str) -> None:
+    """Prompts, a chunk after a cached prefix and decodes in one step, padded to a token
+    bucket with empty sequence slots after them; then a smaller step over the stale
+    padding of the first."""
+    model = load_model(model_path, dtype=torch.float32, device=CPU, kernel_backend=backend)
+    cache = PagedKVCache(KVCacheSpec(model.num_layers, BLOCK, model.num_kv_heads, model.head_dim,
+                                     torch.float32), 64, CPU)
+    torch.manual_seed(0)
+    for k, v in cache.layers:
+        k.normal_()
+        v.normal_()
+    graphs = PrefillGraphs(model, cache, max_tokens=48, max_seqs=6, table_width=12)
+    decodes = _decode_batch([9, 5], 40)
+    chunk = _sequence(7, 14, [30, 31, 32, 33])
+    chunk = NewSequence(**{**chunk.__dict__, "start": 6, "slots": chunk.slots[6:]})   # 6 tokens cached
+    steps = [(decodes, [_sequence(5, 11, [1, 2, 3]), chunk]), (None, [_sequence(6, 7, [20, 21])])]
+    for running, new in steps:
+        inputs = build_step(running, new, BLOCK, CPU, sampled=None)
+        tokens = inputs.input_ids.shape[0]
+        bucket = graphs.bucket_for(inputs)
+        assert bucket == {2 + 11 + 8: 24, 7: 16}[tokens]
+        reference_cache = [tuple(t.clone() for t in layer) for layer in cache.layers]
+        expected = model(inputs.input_ids, inputs.positions, reference_cache, inputs.attn)
+        graphs._static.fill(inputs, bucket, graphs._seqs(bucket))
+        hidden = graphs._forward(bucket)[:tokens]
+        torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
+        # The real rows wrote what the unpadded step wrote; padding wrote block 0 only.
+        for (k, v), (k_ref, v_ref) in zip(cache.layers, reference_cache):
+            torch.testing.assert_close(k[1:], k_ref[1:])
+            torch.testing.assert_close(v[1:], v_ref[1:])
+
+
+def test_varlen_steps_that_do_not_fit_a_graph_run_eagerly(model_path) -> None:
+    model = load_model(model_path, dtype=torch.float32, device=CPU)
+    cache = PagedKVCache(KVCacheSpec(model.num_layers, BLOCK, model.num_kv_heads, model.head_dim,
+                                     torch.float32), 64, CPU)
+    graphs = PrefillGraphs(model, cache, max_tokens=32, max_seqs=2, table_width=4)
+    fits = [_sequence(1, 10, [1, 2, 3])]
+    assert graphs.bucket_for(build_step(None, fits, BLOCK, CPU, sampled=None)) == 16
+    too_long = [_sequence(1, 16, [1, 2, 3, 4]), _sequence(2, 17, [5, 6, 7, 8, 9])]
+    assert graphs.bucket_for(build_step(None, too_long, BLOCK, CPU, sampled=None)) is None
+    too_many = [_sequence(i, 3, [i]) for i in range(1, 4)]
+    assert graphs.bucket_for(build_step(None, too_many, BLOCK, CPU, sampled=None)) is None
+    too_wide = [_sequence(1, 18, [1, 2, 3, 4, 5])]
+    assert graphs.bucket_for(build_step(None, too_wide, BLOCK, CPU, sampled=None)) is None
+    assert PrefillGraphs(model, cache, max_tokens=8, max_seqs=2, table_width=4).bucket_for(
+        build_step(None, fits, BLOCK, CPU, sampled=None)) is None
 
 
 def test_steps_that_do_not_fit_a_graph_run_eagerly(model_path) -> None:
