@@ -239,6 +239,51 @@ def test_single_token_rows_with_an_idle_sequence_take_the_prefill_kernel() -> No
     check(step, run(step, 0.3, prefill_config=SMALL_PREFILL), 0.3)
 
 
+# Many sequences whose tiles straddle tile boundaries: prompts, chunks after a cached prefix,
+# decodes, and padding entries (q_len 0, seq_len 0) between and after the real ones.
+MIXED_CACHE_LENS = [0, 5, 0, 30, 12, 0, 3, 0, 7, 0, 40, 0, 0]
+MIXED_Q_LENS = [9, 1, 0, 1, 13, 0, 8, 1, 11, 0, 3, 0, 0]
+
+
+def pad_tokens(step: Step, extra: int) -> None:
+    """Appends `extra` rows to q past cu_seqlens_q[-1], as a step padded to a graph's T."""
+    padding = torch.randn(extra, *step.q.shape[1:], generator=torch.Generator().manual_seed(1)).to(step.q)
+    step.q = torch.cat([step.q, padding])
+
+
+@needs_kernels
+@pytest.mark.usefixtures("nan_allocations")
+@pytest.mark.parametrize(("dtype", "num_q_heads", "num_kv_heads"), [(torch.float32, 4, 2), (torch.float16, 6, 2)])
+def test_prefill_mixed_batch_with_padding_sequences(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int) -> None:
+    step = make_step(MIXED_CACHE_LENS, MIXED_Q_LENS, num_q_heads, num_kv_heads, 32, 16, dtype)
+    assert step.seq_lens.tolist()[-2:] == [0, 0]
+    check(step, run(step, 0.3, prefill_config=SMALL_PREFILL), 0.3)
+
+
+@needs_kernels
+@pytest.mark.usefixtures("nan_allocations")
+@pytest.mark.parametrize(("dtype", "extra"), [(torch.float32, 3), (torch.float16, 21)])
+def test_prefill_rows_past_the_last_sequence_come_out_as_zeros(dtype: torch.dtype, extra: int) -> None:
+    """T > cu_seqlens_q[-1]: less than a tile and several tiles of trailing padding rows."""
+    step = make_step(MIXED_CACHE_LENS, MIXED_Q_LENS, 4, 2, 32, 16, dtype)
+    real = step.q.shape[0]
+    pad_tokens(step, extra)
+    out = run(step, 0.3, prefill_config=SMALL_PREFILL)
+    assert torch.all(out[real:] == 0)
+    check(step, out, 0.3)  # the oracle leaves rows past cu_seqlens_q[-1] at zero
+
+
+@needs_kernels
+def test_prefill_ignores_the_max_seqlen_q_bound() -> None:
+    """A graph replay passes its bucket's bound, not the step's longest query: same output."""
+    step = make_step([0, 12, 0, 3], [10, 1, 0, 6], 4, 2, 32, 16, torch.float32)
+    pad_tokens(step, 5)
+    exact = run(step, 0.3, 4, prefill_config=SMALL_PREFILL)
+    step.max_seqlen_q = step.q.shape[0] + 100
+    assert torch.equal(run(step, 0.3, 4, prefill_config=SMALL_PREFILL), exact)
+    check(step, exact, 0.3, 4)
+
+
 @needs_kernels
 def test_strided_q_view_of_fused_qkv() -> None:
     """q sliced out of a fused [T, (Hq + 2 Hkv) * D] projection needs no copy."""
@@ -325,6 +370,28 @@ def test_gpu_prefill_real_sizes(num_q_heads: int, num_kv_heads: int, head_dim: i
     step = make_step([0, 1500, 64, 0], [700, 300, 1, 129], num_q_heads, num_kv_heads, head_dim, 16, torch.bfloat16)
     check(step, run(step, head_dim**-0.5), head_dim**-0.5)
     check(step, run(step, head_dim**-0.5, 256), head_dim**-0.5, 256)
+
+
+@gpu_only
+def test_gpu_prefill_in_cuda_graph() -> None:
+    """A prefill launch captured under one step's lengths (and a max_seqlen_q below the
+    replayed one's) replays exactly for another step of the same shapes (T, B): a padding
+    sequence, a chunk after a long prefix, and rows past the last sequence."""
+    step = make_step([700, 0, 2], [9, 0, 230], 32, 8, 128, 16, torch.bfloat16)
+    pad_tokens(step, 17)
+    assert step.q.shape[0] == 256
+    replayed_seq_lens, replayed_cu = step.seq_lens.clone(), step.cu_seqlens_q.clone()
+    run(step, 0.1)  # compile outside the capture
+    step.seq_lens.copy_(torch.tensor([200, 41, 350], dtype=torch.int32))
+    step.cu_seqlens_q.copy_(torch.tensor([0, 200, 201, 251], dtype=torch.int32))
+    step.max_seqlen_q = 200
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(step, 0.1)
+    step.seq_lens.copy_(replayed_seq_lens)
+    step.cu_seqlens_q.copy_(replayed_cu)
+    graph.replay()
+    check(step, out, 0.1)
 
 
 @gpu_only

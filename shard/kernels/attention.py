@@ -16,12 +16,16 @@ Semantics (identical to the torch reference in shard/layers/attention.py)
 Dispatch: max_seqlen_q == 1 with one row per sequence (T == B) is a decode step and takes
 the flash-decoding kernel (attention_decode); anything else takes the varlen prefill
 kernel (attention_prefill), which handles decodes mixed into a prefill batch as well.
+Nothing else reads max_seqlen_q: the prefill launch depends on shapes only, so one CUDA
+graph serves every step of its (T, B), and a bound above the real longest query is fine.
+There cu_seqlens_q[-1] may be below T (a step padded to its graph's T): rows past it come
+out as zeros. Padding sequences (q_len 0, seq_len 0) may sit anywhere in the batch.
 
 Preconditions the kernels cannot check without a device sync (so they do not):
-cu_seqlens_q[-1] == T, max_seqlen_q >= every q_len_b, seq_lens[b] >= q_len_b, and every
-block id used lies in [0, num_blocks). Block table rows only need to be valid up to each sequence's length;
-their width bounds the split of decode into partitions, so keep it near the batch's
-longest sequence.
+cu_seqlens_q[-1] == T for a decode step and <= T otherwise, max_seqlen_q >= every q_len_b,
+seq_lens[b] >= q_len_b, and every block id used lies in [0, num_blocks). Block table rows
+only need to be valid up to each sequence's length; their width bounds the split of decode
+into partitions, so keep it near the batch's longest sequence.
 """
 
 from __future__ import annotations
@@ -73,8 +77,7 @@ def paged_attention(
         launch_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, out, decode_config)
     else:
         launch_prefill(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, sliding_window,
-            out, prefill_config,
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, out, prefill_config,
         )
     return out
 

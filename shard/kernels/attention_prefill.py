@@ -3,8 +3,8 @@
 Algorithm (flash-attention 2 over the block table)
   Sequence b brings q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens whose K/V
   are already in the cache; its i-th sits at position ctx_b + i, ctx_b = seq_len_b - q_len_b
-  (a reused prefix or earlier chunks). Program (b, t, g) takes BLOCK_Q of those tokens and
-  the QPK = Hq / Hkv query heads that share KV head g, packed as BLOCK_M = BLOCK_Q * QPK
+  (a reused prefix or earlier chunks). A program takes BLOCK_Q of those tokens and the
+  QPK = Hq / Hkv query heads that share KV head g, packed as BLOCK_M = BLOCK_Q * QPK
   rows (row r = token r // QPK, head r % QPK): every K/V tile is loaded once for all heads
   of the group, which multiplies the tile's reuse by QPK. It walks the keys that any of its
   rows can see, [lo, hi) with hi = last row's position + 1 and lo = 0 or, with a sliding
@@ -13,7 +13,22 @@ Algorithm (flash-attention 2 over the block table)
   window. Whole tiles that every row sees (before the first row's position, inside the
   last row's window) run without masks; only the diagonal and window edges pay for them.
   Online softmax in fp32, one normalisation at the end, output in q's dtype.
-  The grid's second axis covers max_seqlen_q; programs past a sequence's q_len exit.
+
+Launch grid (graph-safe: it depends on shapes only, never on lengths on the device)
+  Query tiles are numbered across the step: sequence b's tiles take the numbers from
+      start_b = cu_seqlens_q[b] // BLOCK_Q + b
+  on. start_{b+1} - start_b >= ceil(q_len_b / BLOCK_Q) (floor((c + n) / Q) >= floor(c / Q)
+  + floor(n / Q), and the + 1 pays for a partial tile), so the numbers never collide; a
+  sequence leaves at most one number unused, and one with q_len 0 (padding) exactly one.
+  The numbers up to ceil(T / BLOCK_Q) + B cover every tile, so the launch is
+  (ceil(T / BLOCK_Q) + B) * Hkv programs whatever the lengths, and a CUDA graph captured
+  for T tokens and B sequences replays correctly for any step of that shape. Program p
+  handles KV head p % Hkv of tile number p // Hkv and finds its sequence by a binary
+  search over cu_seqlens_q (the largest b with start_b <= number: log2(B + 1) scalar
+  loads, no extra launch, no host sync); an unused number exits at once.
+  Rows past cu_seqlens_q[B] (a step padded to its graph's T) belong to numbers from
+  start_B on, which cover them (ceil(T / Q) - floor(c / Q) >= ceil((T - c) / Q)):
+  those programs write zeros there instead of exiting.
 
 Memory floor (bytes, e = element size):
   2 * sum_b S_b * Hkv * D * e     K and V of every visible position, read once
@@ -39,9 +54,6 @@ from shardgen.shard.kernels.paged_tiles import (
     normalize,
     online_softmax_step,
 )
-
-# CUDA caps the second and third grid dimensions at 65535 programs.
-MAX_GRID_Y = 65535
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,49 @@ def _attend_keys(
 
 
 @triton.jit
+def _locate_tile(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """(b, first) for tile number `tile`: its sequence b (num_seqs for the trailing padding
+    rows) and its first token's offset within that sequence's rows (module docstring)."""
+    lo = num_seqs * 0
+    hi = num_seqs
+    # Invariant: start_lo <= tile < start_(hi+1); start_0 = 0 <= tile.
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        starts_by = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= tile
+        lo = tl.where(starts_by, mid, lo)
+        hi = tl.where(starts_by, hi, mid - 1)
+    first_tile = tl.load(cu_seqlens_q_ptr + lo) // BLOCK_Q + lo
+    return lo, (tile - first_tile) * BLOCK_Q
+
+
+@triton.jit
+def _packed_rows(
+    first_token,
+    end_token,
+    kv_head,
+    QPK: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Token and query head of each packed row of a tile, and which rows are real (token < end_token)."""
+    rows = tl.arange(0, BLOCK_M)
+    tokens = first_token + rows // QPK
+    heads = kv_head * QPK + rows % QPK
+    # rows // QPK < BLOCK_Q drops the spare rows when QPK does not divide BLOCK_M.
+    row_ok = (rows // QPK < BLOCK_Q) & (tokens < end_token)
+    return tokens, heads, row_ok
+
+
+@triton.jit
+def _row_offsets(tokens, heads, stride_t, stride_h, HEAD_DIM: tl.constexpr):
+    """Element offsets [BLOCK_M, HEAD_DIM] of packed rows in a [T, H, D] tensor."""
+    dims = tl.arange(0, HEAD_DIM)
+    return tokens.to(tl.int64)[:, None] * stride_t + heads[:, None] * stride_h + dims[None, :]
+
+
+# The step's shape arrives as plain ints: specialising on them (== 1, divisible by 16)
+# would compile a variant per graph bucket for nothing.
+@triton.jit(do_not_specialize=["num_tokens", "num_seqs"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -124,6 +179,8 @@ def _prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     cu_seqlens_q_ptr,
+    num_tokens,
+    num_seqs,
     scale_log2,
     sliding_window,
     stride_qt,
@@ -141,31 +198,27 @@ def _prefill_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2)
-
-    q_start = tl.load(cu_seqlens_q_ptr + b)
-    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
-    first = q_tile * BLOCK_Q
+    # KV head varies fastest: the Hkv programs of one query tile run side by side and
+    # gather the same pages (a page row holds every KV head of a position), the same q
+    # rows and output rows, so each DRAM sector they share is fetched once into L2.
+    kv_head = tl.program_id(0) % NUM_KV_HEADS
+    seq, first = _locate_tile(cu_seqlens_q_ptr, num_seqs, tl.program_id(0) // NUM_KV_HEADS, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    if seq == num_seqs:
+        # Rows past the last sequence: padding of a graph-sized step, zeroed.
+        tokens, heads, row_ok = _packed_rows(q_start + first, num_tokens, kv_head, QPK, BLOCK_Q, BLOCK_M)
+        zeros = tl.zeros([BLOCK_M, HEAD_DIM], dtype=out_ptr.dtype.element_ty)
+        tl.store(out_ptr + _row_offsets(tokens, heads, stride_ot, stride_oh, HEAD_DIM), zeros, mask=row_ok[:, None])
+        return
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
-    rows = tl.arange(0, BLOCK_M)
-    token = first + rows // QPK
-    heads = kv_head * QPK + rows % QPK
-    # rows // QPK < BLOCK_Q drops the spare rows when QPK does not divide BLOCK_M.
-    row_ok = (rows // QPK < BLOCK_Q) & (token < q_len)
-    positions = context + token
-    dims = tl.arange(0, HEAD_DIM)
-    token_rows = (q_start + token).to(tl.int64)
-    q = tl.load(
-        q_ptr + token_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    tokens, heads, row_ok = _packed_rows(q_start + first, q_start + q_len, kv_head, QPK, BLOCK_Q, BLOCK_M)
+    positions = context + tokens - q_start
+    q = tl.load(q_ptr + _row_offsets(tokens, heads, stride_qt, stride_qh, HEAD_DIM), mask=row_ok[:, None], other=0.0)
 
     # Keys [lo, hi) are visible to some row. Inside them, [bulk_lo, bulk_hi) holds whole
     # tiles visible to every row (at or before the first row's position, inside the last
@@ -183,7 +236,7 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if USE_WINDOW:
         m_i, l_i, acc = _attend_keys(
             q, positions, lo, bulk_lo, k_cache_ptr, v_cache_ptr, table_row, kv_head, m_i, l_i, acc,
@@ -200,7 +253,7 @@ def _prefill_kernel(
 
     out = normalize(acc, l_i)
     tl.store(
-        out_ptr + token_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+        out_ptr + _row_offsets(tokens, heads, stride_ot, stride_oh, HEAD_DIM),
         out.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None],
     )
@@ -213,33 +266,31 @@ def launch_prefill(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
-    max_seqlen_q: int,
     scale: float,
     sliding_window: int,
     out: torch.Tensor,
     config: PrefillConfig | None = None,
 ) -> None:
-    """Writes varlen paged attention of q [T, Hq, D] into out (every row of a sequence).
+    """Writes varlen paged attention of q [T, Hq, D] into out: every row of a sequence, and
+    zeros in the rows past cu_seqlens_q[-1] (cu_seqlens_q[-1] may be below T).
 
+    The launch reads no value off the device and sizes its grid from shapes alone, so it
+    can be captured in a CUDA graph and replayed for any lengths of the same shapes.
     Arguments are validated by attention.paged_attention; call that instead.
     """
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     qpk = num_q_heads // num_kv_heads
     cfg = config or default_prefill_config(head_dim, q.dtype)
     # A group wider than the tile gets a tile of its own (one token per program).
     block_m = max(cfg.block_m, next_power_of_2(qpk))
     block_q = block_m // qpk
-    batch = seq_lens.shape[0]
-    grid = (batch, triton.cdiv(max_seqlen_q, block_q), num_kv_heads)
-    if grid[1] > MAX_GRID_Y:
-        raise ValueError(
-            f"max_seqlen_q {max_seqlen_q} needs {grid[1]} query tiles of {block_q} tokens, "
-            f"more than the grid allows ({MAX_GRID_Y}); split the prefill into chunks"
-        )
+    num_seqs = seq_lens.shape[0]
+    # Tile numbers of the step (module docstring): fewer than cdiv(T, block_q) + B.
+    grid = ((triton.cdiv(num_tokens, block_q) + num_seqs) * num_kv_heads,)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q,
-        scale * LOG2E, sliding_window,
+        num_tokens, num_seqs, scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads,
         QPK=qpk,
