@@ -22,10 +22,12 @@ Launch grid (graph-safe: it depends on shapes only, never on lengths on the devi
   sequence leaves at most one number unused, and one with q_len 0 (padding) exactly one.
   The numbers up to ceil(T / BLOCK_Q) + B cover every tile, so the launch is
   (ceil(T / BLOCK_Q) + B) * Hkv programs whatever the lengths, and a CUDA graph captured
-  for T tokens and B sequences replays correctly for any step of that shape. Program p
-  handles KV head p % Hkv of tile number p // Hkv and finds its sequence by a binary
-  search over cu_seqlens_q (the largest b with start_b <= number: log2(B + 1) scalar
-  loads, no extra launch, no host sync); an unused number exits at once.
+  for T tokens and B sequences replays correctly for any step of that shape. Of the P
+  programs, p handles KV head p % Hkv of tile number (P - 1 - p) // Hkv: numbers run
+  backwards, so that a sequence's last tiles, which see the most keys, start first and
+  the short ones fill the end of the launch. It finds its sequence by a binary search
+  over cu_seqlens_q (the largest b with start_b <= number: log2(B + 1) scalar loads, no
+  extra launch, no host sync); an unused number exits at once.
   Rows past cu_seqlens_q[B] (a step padded to its graph's T) belong to numbers from
   start_B on, which cover them (ceil(T / Q) - floor(c / Q) >= ceil((T - c) / Q)):
   those programs write zeros there instead of exiting.
@@ -201,8 +203,10 @@ def _prefill_kernel(
     # KV head varies fastest: the Hkv programs of one query tile run side by side and
     # gather the same pages (a page row holds every KV head of a position), the same q
     # rows and output rows, so each DRAM sector they share is fetched once into L2.
+    # Tile numbers run backwards: the heaviest tiles first (module docstring).
     kv_head = tl.program_id(0) % NUM_KV_HEADS
-    seq, first = _locate_tile(cu_seqlens_q_ptr, num_seqs, tl.program_id(0) // NUM_KV_HEADS, BLOCK_Q)
+    tile = (tl.num_programs(0) - 1 - tl.program_id(0)) // NUM_KV_HEADS
+    seq, first = _locate_tile(cu_seqlens_q_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     if seq == num_seqs:
         # Rows past the last sequence: padding of a graph-sized step, zeroed.
