@@ -21,12 +21,12 @@ host work, so the device waits (a 1K-token prefill of an 8B model: 22 ms of kern
 ~38 ms of wall time on an H100). A step of n tokens and b sequences replays the graph of
 the smallest token bucket N >= n, captured with min(N, max sequences) sequence slots: the
 n real tokens come first, tokens n..N-1 are padding (slot 0, owned by no sequence: the
-attention leaves their rows unwritten and nothing reads them), sequence slots b.. are
-empty (no query token, seq_len 0). The attention kernel's launch depends only on those
-shapes. The graph ends at the hidden states; the logits of the rows that sample, and
-prompt log-probabilities, run eagerly on its output (a few launches). Both kinds share
-one memory pool: replays run one at a time on one stream, and each step reads its
-graph's outputs before the next replay is queued.
+attention writes zeros for them and nothing reads them), sequence slots b.. are empty (no
+query token, seq_len 0). The attention kernel's launch depends only on those shapes.
+The graph ends at the hidden states; the logits of the rows that sample, and prompt
+log-probabilities, run eagerly on its output (a few launches). Both kinds share one
+memory pool: replays run one at a time on one stream, and each step reads its graph's
+outputs before the next replay is queued.
 """
 
 from __future__ import annotations

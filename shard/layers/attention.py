@@ -103,7 +103,8 @@ def paged_attention(
 
     Query heads share KV heads in groups of Hq // Hkv. sliding_window > 0 limits each
     query to the last `sliding_window` positions up to and including its own.
-    max_seqlen_q is not needed here (the kernels size their launch grid with it).
+    max_seqlen_q is not needed here (the Triton dispatch reads it: 1 with one token per
+    sequence is a decode step).
     """
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
