@@ -4,7 +4,9 @@
 For every kernel at Llama-3.1-8B sizes (32 query heads, 8 KV heads, head dim 128, hidden
 4096, intermediate 14336, bf16, KV pages of 16 tokens) it reports, per case:
   triton_us / torch_us   median time of one call (triton.testing.do_bench; the torch
-                         reference is shardgen.shard.layers, the CPU production path)
+                         reference is shardgen.shard.layers, the CPU production path;
+                         for linear it is F.linear, i.e. cuBLAS, timed in the CUDA graph
+                         too under --cudagraph)
   floor_us               bytes the kernel must move / copy bandwidth measured first with a
                          large device-to-device copy; pct_floor = floor_us / triton_us
   tflops                 for attention: useful FLOPs / triton time
@@ -14,6 +16,7 @@ A table goes to stdout and everything to JSON (--out). Timings are never asserte
   python benchmark/kernels.py --out results/kernels.json
   python benchmark/kernels.py --only decode,prefill --sweep        # also tries tile configs
   python benchmark/kernels.py --cudagraph                          # Triton times without launch overhead
+  python benchmark/kernels.py --only linear --cudagraph --sweep     # decode GEMV vs cuBLAS at M = 1..32
   TRITON_INTERPRET=1 python benchmark/kernels.py --tiny            # CPU: checks only, no timing
 """
 
@@ -31,8 +34,9 @@ import torch
 import triton
 import triton.testing
 
-from shardgen.shard.kernels import activation, attention, kv_cache, norm, rotary
+from shardgen.shard.kernels import activation, attention, kv_cache, linear, norm, rotary
 from shardgen.shard.kernels.attention_decode import DecodeConfig
+from shardgen.shard.kernels.linear import LinearConfig
 from shardgen.shard.kernels.attention_prefill import PrefillConfig
 from shardgen.shard.kernels.checks import interpreting
 from shardgen.shard.layers import activation as torch_activation
@@ -40,9 +44,15 @@ from shardgen.shard.layers import attention as torch_attention
 from shardgen.shard.layers import norm as torch_norm
 from shardgen.shard.layers import rotary as torch_rotary
 
-KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv", "decode", "prefill")
+KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv", "decode", "prefill", "linear")
 # The torch reference materialises K/V per query head; skip it past this many bytes.
 TORCH_GATHER_LIMIT = 16 << 30
+# Rows of x in the linear cases (--linear-rows): decode batches, around the layers' Triton threshold of 16.
+LINEAR_ROWS = "1,4,16,32"
+# A CUDA graph replays calls back to back without flushing L2 (50 MB on an H100), so the
+# linear cases cycle through copies of W totalling at least this much: each call streams
+# its weight from HBM, as in a decode step where 32 layers' weights pass between uses.
+LINEAR_WEIGHT_ROTATION_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class Case:
     # For --sweep: the same call under another launch config.
     with_config: Callable[[object], Callable[[], object]] | None = None
     configs: list[object] = field(default_factory=list)
+    # The torch reference can be captured too: under --cudagraph it is timed in a graph as well.
+    torch_graph_safe: bool = False
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -273,6 +285,69 @@ def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Ite
         yield attention_case("prefill", name, sz, dtype, device, cache_lens, q_lens)
 
 
+# ------------------------------------------------------------------------ linear
+
+
+def linear_cases(sz: Sizes, dtype: torch.dtype, device: str, rows: list[int]) -> Iterator[Case]:
+    """The projections of one decoder layer (TP = 1), x of each of `rows` rows."""
+    projections = [
+        ("qkv", (sz.q_heads + 2 * sz.kv_heads) * sz.head_dim, sz.hidden),
+        ("o_proj", sz.hidden, sz.q_heads * sz.head_dim),
+        ("gate_up", 2 * sz.intermediate, sz.hidden),
+        ("down", sz.hidden, sz.intermediate),
+    ]
+    for name, n, k in projections:
+        copies = max(1, triton.cdiv(LINEAR_WEIGHT_ROTATION_BYTES, n * k * dtype.itemsize))
+        weights = [torch.randn(n, k, dtype=dtype, device=device) / k**0.5 for _ in range(copies)]
+        for m in rows:
+            yield _linear_case(name, m, weights, dtype, device)
+        del weights
+
+
+def _linear_case(name: str, m: int, weights: list[torch.Tensor], dtype: torch.dtype, device: str) -> Case:
+    n, k = weights[0].shape
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    turn = itertools.count()
+
+    def next_weight() -> torch.Tensor:
+        return weights[next(turn) % len(weights)]
+
+    def with_config(cfg: object) -> Callable[[], object]:
+        return lambda: linear.linear(x, next_weight(), config=cfg)  # type: ignore[arg-type]
+
+    return Case(
+        "linear", f"{name} M={m} N={n} K={k}",
+        with_config(None), lambda: torch.nn.functional.linear(x, next_weight()),
+        (n * k + m * k + m * n) * dtype.itemsize,
+        flops=2 * m * n * k,
+        check=lambda: _max_err(linear.linear(x, weights[0]), torch.nn.functional.linear(x, weights[0])),
+        with_config=with_config,
+        configs=_linear_sweep(m),
+        torch_graph_safe=True,
+    )
+
+
+def _linear_sweep(m: int) -> list[object]:
+    """Tensor-core tiles (W bytes in flight per program = block_n * block_k * e * num_stages), unsplit and
+    split in 2; broadcast-FMA tiles for one row."""
+    dot = [
+        LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=True, split_k=1)
+        for n, k, w, s in (
+            (64, 256, 4, 4), (64, 256, 4, 5), (64, 256, 8, 4), (64, 512, 4, 3), (64, 512, 8, 2), (64, 128, 4, 6),
+            (32, 512, 4, 4), (32, 512, 4, 3), (32, 256, 4, 6), (16, 512, 4, 4), (16, 1024, 4, 3),
+            (128, 128, 4, 5), (128, 256, 4, 3), (128, 256, 8, 3),
+        )
+    ]
+    split = [LinearConfig(block_n=n, block_k=k, num_stages=4, split_k=2) for n, k in ((64, 256), (32, 512))]
+    if m > 1:
+        return dot + split
+    broadcast = [
+        LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=False, split_k=1)
+        for n, k, w, s in ((8, 512, 4, 3), (8, 512, 4, 1), (4, 1024, 4, 3), (8, 1024, 8, 3), (16, 512, 4, 3))
+    ]
+    return dot + split + broadcast
+
+
 # ------------------------------------------------------------------------ timing
 
 
@@ -296,7 +371,7 @@ def run_case(case: Case, bandwidth: float, timed: bool, cudagraph: bool, sweep: 
     if not timed:
         return row
     triton_us = time_us(case.triton_fn, cudagraph)
-    torch_us = time_us(case.torch_fn, False) if case.torch_fn else None
+    torch_us = time_us(case.torch_fn, cudagraph and case.torch_graph_safe) if case.torch_fn else None
     floor_us = case.bytes_moved / bandwidth * 1e6
     row.update(
         triton_us=triton_us,
@@ -316,6 +391,7 @@ def run_case(case: Case, bandwidth: float, timed: bool, cudagraph: bool, sweep: 
         if timings:
             best_us, best = min(timings, key=lambda pair: pair[0])
             row.update(best_us=best_us, best_config=asdict(best))  # type: ignore[call-overload]
+            row["sweep"] = [{"us": us, **asdict(cfg)} for us, cfg in timings]  # type: ignore[call-overload]
     return row
 
 
@@ -348,8 +424,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     parser.add_argument("--only", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     parser.add_argument("--tokens", default="1,64,512,4096", help="token counts of the row-wise cases")
+    parser.add_argument("--linear-rows", default=LINEAR_ROWS, help="rows of x in the linear cases")
     parser.add_argument("--cudagraph", action="store_true", help="time Triton calls replayed in a CUDA graph")
-    parser.add_argument("--sweep", action="store_true", help="also time the attention cases under other tile configs")
+    parser.add_argument("--sweep", action="store_true", help="also time attention and linear under other tile configs")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes; without CUDA only the checks run")
     return parser.parse_args(argv)
 
@@ -375,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         (c for c in rowwise_cases(sz, dtype, device, tokens) if c.kernel in only),
         decode_cases(sz, dtype, device, args.tiny) if "decode" in only else iter(()),
         prefill_cases(sz, dtype, device, args.tiny) if "prefill" in only else iter(()),
+        linear_cases(sz, dtype, device, [int(m) for m in args.linear_rows.split(",")]) if "linear" in only
+        else iter(()),
     ]
     rows = []
     print(HEADER)

@@ -8,16 +8,31 @@ Named after what they shard (PyTorch weight layout [out, in]):
   RowParallelLinear           input features split over ranks; all-reduce of the output
 
 A column-parallel layer feeds a row-parallel one, so a block costs one all-reduce.
+
+The matmul is F.linear (cuBLAS), except for decode-sized inputs on a model built with the
+Triton ops: up to SMALL_BATCH_MAX_ROWS rows go to ops.small_batch_linear, a kernel that
+streams W at memory speed where cuBLAS leaves bandwidth unused (shard/kernels/linear.py).
+Whether a layer can use it is decided once, when it is built on its device (load_model
+builds the model there); a call only compares its row count. The gain is on the device:
+a Triton launch costs more host time than cuBLAS's (~50 vs ~15-23 us measured on the
+H100 machine), so it pays inside CUDA graphs, less so in host-bound eager steps.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.layers.ops import TORCH_OPS, Ops
 from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
+
+# Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
+SMALL_BATCH_MAX_ROWS = 16
+_SMALL_BATCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -27,10 +42,21 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def small_batch_linear_for(ops: Ops, device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The linear a layer with weights of `dtype` on `device` runs for at most SMALL_BATCH_MAX_ROWS rows.
+
+    ops.small_batch_linear on CUDA for the float dtypes its kernel takes; F.linear elsewhere
+    (the torch ops, CPU, the interpreter), so the CPU path stays exactly F.linear.
+    """
+    if device.type == "cuda" and dtype in _SMALL_BATCH_DTYPES:
+        return ops.small_batch_linear
+    return F.linear
+
+
 class _ParallelLinear(nn.Module):
     """Holds a [out_local, in_local] weight and optional [out_local] bias."""
 
-    def __init__(self, in_local: int, out_local: int, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(self, in_local: int, out_local: int, bias: bool, tp: TensorParallelGroup, ops: Ops) -> None:
         super().__init__()
         self.tp = tp
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
@@ -40,20 +66,28 @@ class _ParallelLinear(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
         else:
             self.bias = None
+        self._small_batch_linear = small_batch_linear_for(ops, self.weight.device, self.weight.dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in_local] @ weight^T (+ bias), by the small-batch linear for at most SMALL_BATCH_MAX_ROWS rows."""
+        linear = self._small_batch_linear if x.shape[0] <= SMALL_BATCH_MAX_ROWS else F.linear
+        return linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(_ParallelLinear):
     """y[:, rank's columns] = x W_r^T: rank r keeps output rows [r*out/N, (r+1)*out/N)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup, ops: Ops = TORCH_OPS
+    ) -> None:
         self.output_size_local = divide(output_size, tp.world_size, "output size")
-        super().__init__(input_size, self.output_size_local, bias, tp)
+        super().__init__(input_size, self.output_size_local, bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         size = self.output_size_local
@@ -68,9 +102,11 @@ class MergedColumnParallelLinear(_ParallelLinear):
     names the checkpoint tensor of part i (e.g. 0 = gate_proj, 1 = up_proj).
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool, tp: TensorParallelGroup, ops: Ops = TORCH_OPS
+    ) -> None:
         self.local_sizes = [divide(size, tp.world_size, "output size") for size in output_sizes]
-        super().__init__(input_size, sum(self.local_sizes), bias, tp)
+        super().__init__(input_size, sum(self.local_sizes), bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         (index,) = shard_id
@@ -124,6 +160,7 @@ class QKVParallelLinear(_ParallelLinear):
         num_kv_heads: int,
         bias: bool,
         tp: TensorParallelGroup,
+        ops: Ops = TORCH_OPS,
     ) -> None:
         check_head_split(num_heads, num_kv_heads, tp.world_size)
         self.head_dim = head_dim
@@ -131,7 +168,7 @@ class QKVParallelLinear(_ParallelLinear):
         self.first_kv_head, self.num_kv_heads = kv_heads_of_rank(num_kv_heads, tp.rank, tp.world_size)
         self.total_kv_heads = num_kv_heads
         out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden_size, out_local, bias, tp)
+        super().__init__(hidden_size, out_local, bias, tp, ops)
 
     @property
     def q_size(self) -> int:
@@ -164,9 +201,11 @@ class RowParallelLinear(_ParallelLinear):
     The bias is replicated and added once, after the all-reduce.
     """
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp: TensorParallelGroup, ops: Ops = TORCH_OPS
+    ) -> None:
         self.input_size_local = divide(input_size, tp.world_size, "input size")
-        super().__init__(self.input_size_local, output_size, bias, tp)
+        super().__init__(self.input_size_local, output_size, bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         if param.dim() == 1:  # the bias is not split
@@ -178,6 +217,6 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        y = self.tp.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias

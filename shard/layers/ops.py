@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from shardgen.shard.layers import activation, attention, norm, rotary
 
@@ -38,6 +39,8 @@ class Ops:
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
+    # F.linear's contract, for the few rows of a decode step (layers/linear.py decides when).
+    small_batch_linear: Callable[..., torch.Tensor]
     graph_safe: bool   # no op reads a device value on the host: a step can be captured
 
 
@@ -49,6 +52,7 @@ TORCH_OPS = Ops(
     fused_add_rms_norm=norm.fused_add_rms_norm,
     apply_rotary=rotary.apply_rotary,
     silu_and_mul=activation.silu_and_mul,
+    small_batch_linear=F.linear,
     graph_safe=False,
 )
 
@@ -59,6 +63,7 @@ def triton_ops() -> Ops:
     from shardgen.shard.kernels import activation as k_activation
     from shardgen.shard.kernels import attention as k_attention
     from shardgen.shard.kernels import kv_cache as k_kv_cache
+    from shardgen.shard.kernels import linear as k_linear
     from shardgen.shard.kernels import norm as k_norm
     from shardgen.shard.kernels import rotary as k_rotary
 
@@ -70,6 +75,7 @@ def triton_ops() -> Ops:
         fused_add_rms_norm=k_norm.fused_add_rms_norm,
         apply_rotary=k_rotary.apply_rotary,
         silu_and_mul=k_activation.silu_and_mul,
+        small_batch_linear=k_linear.linear,
         graph_safe=True,
     )
 
