@@ -45,6 +45,16 @@ def sliding_window_of(config: PretrainedConfig, layer_idx: int) -> int:
     return window
 
 
+def _linear_ops(ops: Ops, tp: TensorParallelGroup) -> Ops:
+    """The ops of the projections: the model's on one rank; the torch ones over several.
+
+    The Triton small-batch linear beats cuBLAS on the device but costs ~50 us of host time
+    per launch against ~15; several ranks run their steps eagerly (no graphs), where that
+    host time is on the critical path.
+    """
+    return ops if tp.world_size == 1 else TORCH_OPS
+
+
 class LlamaAttention(nn.Module):
     def __init__(
         self, config: PretrainedConfig, layer_idx: int, qkv_bias: bool, o_bias: bool, tp: TensorParallelGroup,
@@ -53,10 +63,13 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.apply_rotary = ops.apply_rotary
         head_dim = head_dim_of(config)
+        linear_ops = _linear_ops(ops, tp)
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, qkv_bias, tp
+            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, qkv_bias, tp,
+            linear_ops,
         )
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, o_bias, tp)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, o_bias, tp,
+                                        linear_ops)
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim,
             scale=head_dim**-0.5, sliding_window=sliding_window_of(config, layer_idx), ops=ops,
@@ -82,8 +95,9 @@ class LlamaMLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
         size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
+        linear_ops = _linear_ops(ops, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp, linear_ops)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp, linear_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
