@@ -25,6 +25,7 @@ import torch
 from shardgen.proto import generate_pb2
 from shardgen.shard.layers.attention import AttentionMetadata
 from shardgen.shard.sampling import SamplingBatch, SamplingParams
+from shardgen.shard.transfers import device_tensor
 
 
 @dataclass(frozen=True)
@@ -271,11 +272,11 @@ class DecodeBatch:
         on the device (`next_ids_device`, one per row of this batch); `last_tokens` holds -1."""
         every_row = len(rows) == len(self)
         batch = self if every_row else self.select(rows)
-        index = torch.as_tensor(rows, dtype=torch.int64, device=next_ids_device.device)
+        last_tokens = next_ids_device if every_row else next_ids_device.index_select(
+            0, device_tensor(rows, torch.int64, next_ids_device.device))
         return dataclasses.replace(
             batch, seq_lens=batch.seq_lens + 1, num_generated=batch.num_generated + 1,
-            last_tokens=np.full(len(rows), -1, dtype=np.int64),
-            last_tokens_device=next_ids_device if every_row else next_ids_device.index_select(0, index))
+            last_tokens=np.full(len(rows), -1, dtype=np.int64), last_tokens_device=last_tokens)
 
     def has_next_slots(self, block_size: int) -> bool:
         """Whether every row's block table covers the position its next input goes to."""

@@ -49,7 +49,7 @@ from shardgen.shard.outputs import (
     prompt_logprobs,
 )
 from shardgen.shard.sampling import SampleOutput, sample
-from shardgen.shard.transfers import HostCopy, PinnedUpload
+from shardgen.shard.transfers import HostCopy, PinnedUpload, device_tensor
 from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class _AheadStep:
         """The device outputs of `rows` (all of them, in order, needs no copy)."""
         if rows == list(range(len(self.batch))):
             return self.picked
-        index = torch.as_tensor(rows, dtype=torch.int64, device=self.picked.next_ids.device)
+        index = device_tensor(rows, torch.int64, self.picked.next_ids.device)
         return SampleOutput(*(field.index_select(0, index) for field in _fields(self.picked)))
 
     def host_rows(self, on_host: SampleOutput, rows: list[int]) -> SampleOutput:

@@ -41,6 +41,8 @@ from types import ModuleType
 
 import torch
 
+from shardgen.shard.transfers import device_tensor
+
 WATERMARK_GAMMA = 0.5
 WATERMARK_DELTA = 2.0
 _WATERMARK_KEY = 15485863  # the hash key of the paper's reference code
@@ -179,16 +181,17 @@ class SamplingBatch:
         self.seen = seen if self.flags.repetition else None
         self.counts = counts if self.flags.counts else None
         # Rows that draw, as an index, when greedy rows ride along (else every row draws).
-        self.sample_index = None if self.flags.all_sample else torch.tensor(
-            [i for i, p in enumerate(self.params) if p.samples], dtype=torch.int64, device=device)
-        floats = torch.tensor(
+        # Through page-locked memory: a pageable copy would wait for the steps queued before.
+        self.sample_index = None if self.flags.all_sample else device_tensor(
+            [i for i, p in enumerate(self.params) if p.samples], torch.int64, device)
+        floats = device_tensor(
             [[p.temperature, p.top_p, p.typical_p, p.min_p, p.repetition_penalty,
               p.frequency_penalty, p.presence_penalty] for p in self.params],
-            dtype=torch.float32).reshape(-1, 7).to(device)
+            torch.float32, device).reshape(-1, 7)
         (self.temperature, self.top_p, self.typical_p, self.min_p, self.repetition_penalty,
          self.frequency_penalty, self.presence_penalty) = floats.unbind(1)
-        ints = torch.tensor([[p.top_k, _to_int64(p.seed), int(p.watermark)] for p in self.params],
-                            dtype=torch.int64).reshape(-1, 3).to(device)
+        ints = device_tensor([[p.top_k, _to_int64(p.seed), int(p.watermark)] for p in self.params],
+                             torch.int64, device).reshape(-1, 3)
         self.top_k, self.seed, watermark = ints.unbind(1)
         self.watermark = watermark.bool()
 
@@ -218,7 +221,7 @@ class SamplingBatch:
 
     def select(self, rows: Sequence[int]) -> SamplingBatch:
         """The batch of the given rows, in that order."""
-        index = torch.tensor(list(rows), dtype=torch.int64, device=self.device)
+        index = device_tensor(list(rows), torch.int64, self.device)
         seen = self.seen.index_select(0, index) if self.seen is not None else None
         counts = self.counts.index_select(0, index) if self.counts is not None else None
         return SamplingBatch([self.params[r] for r in rows], self.vocab_size, self.device,

@@ -58,6 +58,19 @@ class PinnedUpload:
         return buffer.upload(array, self.device)
 
 
+def device_tensor(data: object, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list or array on `device`, without making the host wait for the stream.
+
+    A copy from pageable memory first waits for every kernel queued on the stream (a step
+    run ahead, say); this one goes through page-locked memory, non-blocking, and may be used
+    by any kernel queued after it on the current stream.
+    """
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class HostCopy:
     """Device tensors copied to the host behind the kernels that produce them.
 

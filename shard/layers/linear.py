@@ -31,7 +31,7 @@ from shardgen.shard.layers.ops import TORCH_OPS, Ops
 from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
 
 # Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
-SMALL_BATCH_MAX_ROWS = 16
+SMALL_BATCH_MAX_ROWS = 32
 _SMALL_BATCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
