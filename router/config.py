@@ -48,7 +48,7 @@ class RouterConfig:
     max_batch_prefill_tokens: int | None = None
     max_batch_total_tokens: int | None = None
     max_batch_size: int | None = None
-    waiting_served_ratio: float = 0.3
+    waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
     enable_prefix_caching: bool = True
     # Requests that do not say max_new_tokens get this many at most.

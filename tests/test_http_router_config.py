@@ -17,7 +17,7 @@ def test_defaults() -> None:
     assert (config.hostname, config.port, config.num_shard) == ("127.0.0.1", 3000, 1)
     assert (config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences,
             config.max_top_n_tokens) == (128, 2, 4, 5)
-    assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.3, 20)
+    assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.0, 20)
     assert config.payload_limit == 2_000_000
     assert config.enable_prefix_caching and not config.json_output
     assert not config.limits_resolved()
