@@ -44,7 +44,8 @@ from shardgen.shard.layers import attention as torch_attention
 from shardgen.shard.layers import norm as torch_norm
 from shardgen.shard.layers import rotary as torch_rotary
 
-KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv", "decode", "prefill", "linear")
+KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv", "rotary_and_write_kv", "decode",
+           "prefill", "linear")
 # The torch reference materialises K/V per query head; skip it past this many bytes.
 TORCH_GATHER_LIMIT = 16 << 30
 # Rows of x in the linear cases (--linear-rows): decode batches, around the layers' Triton threshold of 16.
@@ -126,6 +127,7 @@ def rowwise_cases(sz: Sizes, dtype: torch.dtype, device: str, tokens: list[int])
         )
         yield _rotary_case(sz, dtype, device, t)
         yield _write_kv_case(sz, dtype, device, t)
+        yield _rotary_and_write_kv_case(sz, dtype, device, t)
 
 
 def _rotary_case(sz: Sizes, dtype: torch.dtype, device: str, t: int) -> Case:
@@ -165,6 +167,35 @@ def _write_kv_case(sz: Sizes, dtype: torch.dtype, device: str, t: int) -> Case:
         lambda: kv_cache.write_kv(key, value, k_cache, v_cache, slots),
         lambda: torch_attention.write_kv(key, value, k_cache, v_cache, slots),
         4 * t * sz.kv_heads * sz.head_dim * dtype.itemsize + 8 * t,
+        check=check,
+    )
+
+
+def _rotary_and_write_kv_case(sz: Sizes, dtype: torch.dtype, device: str, t: int) -> Case:
+    """The fused op, to compare with the rotary and write_kv cases of the same T run back to back."""
+    q = torch.randn(t, sz.q_heads, sz.head_dim, dtype=dtype, device=device)
+    k = torch.randn(t, sz.kv_heads, sz.head_dim, dtype=dtype, device=device)
+    v = torch.randn_like(k)
+    angles = torch.rand(t, sz.head_dim // 2, device=device) * 1000
+    cos, sin = angles.cos(), angles.sin()  # a rotation: repeated in-place calls stay bounded
+    num_blocks = triton.cdiv(t, sz.block_size) + 1
+    k_cache = torch.zeros(num_blocks, sz.block_size, sz.kv_heads, sz.head_dim, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(num_blocks * sz.block_size, device=device)[:t]
+
+    def check() -> float:
+        want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+        want_q, _ = torch_rotary.rotary_and_write_kv(q, k, v, cos, sin, want_k_cache, want_v_cache, slots)
+        got_q, _ = rotary.rotary_and_write_kv(q.clone(), k.clone(), v, cos, sin, k_cache, v_cache, slots)
+        return max(_max_err(got_q, want_q), _max_err(k_cache, want_k_cache), _max_err(v_cache, want_v_cache))
+
+    e = dtype.itemsize
+    return Case(
+        "rotary_and_write_kv", f"T={t} Hq={sz.q_heads} Hkv={sz.kv_heads} D={sz.head_dim}",
+        lambda: rotary.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots),
+        lambda: torch_rotary.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots),
+        2 * t * (sz.q_heads + sz.kv_heads) * sz.head_dim * e + 2 * t * sz.head_dim // 2 * 4
+        + 3 * t * sz.kv_heads * sz.head_dim * e + 8 * t,
         check=check,
     )
 

@@ -1,6 +1,6 @@
 """The row-wise Triton kernels against torch oracles written here.
 
-write_kv, rms_norm, fused_add_rms_norm, apply_rotary, silu_and_mul. Runs in the Triton
+write_kv, rms_norm, fused_add_rms_norm, apply_rotary, rotary_and_write_kv, silu_and_mul. Runs in the Triton
 interpreter on CPU (TRITON_INTERPRET=1 set before Python starts, as `make test` does) or
 on a CUDA GPU; skipped otherwise. Tests marked gpu use real sizes and bf16, GPU only.
 """
@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 from shardgen.shard.kernels.activation import silu_and_mul  # noqa: E402
 from shardgen.shard.kernels.kv_cache import write_kv  # noqa: E402
 from shardgen.shard.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
-from shardgen.shard.kernels.rotary import apply_rotary  # noqa: E402
+from shardgen.shard.kernels.rotary import apply_rotary, rotary_and_write_kv  # noqa: E402
+from shardgen.shard.layers import rotary as torch_rotary  # noqa: E402
 from kernel_env import DEVICE, gpu_only, needs_kernels  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
@@ -225,6 +226,91 @@ def test_rotary_rejects_bad_arguments() -> None:
         apply_rotary(q, k, randn(3, 17), randn(3, 17))
     with pytest.raises(ValueError, match="cos has 2 rows for 3 tokens"):
         apply_rotary(q, k, randn(2, 16), randn(2, 16))
+
+
+# ------------------------------------------------------------------------------ rotary + write_kv
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 37])
+@pytest.mark.parametrize(("hq", "hkv", "head_dim"), [(4, 2, 64), (8, 2, 128)])
+def test_rotary_and_write_kv_is_apply_rotary_then_write_kv(
+    dtype: torch.dtype, tokens: int, hq: int, hkv: int, head_dim: int
+) -> None:
+    """Against the torch reference (apply_rotary, write_kv) and, bit for bit, the two Triton kernels."""
+    block_size, num_blocks = 16, 5
+    q, k = randn(tokens, hq, head_dim, dtype=dtype, seed=1), randn(tokens, hkv, head_dim, dtype=dtype, seed=2)
+    v = randn(tokens, hkv, head_dim, dtype=dtype, seed=3)
+    angles = randn(tokens, head_dim // 2, seed=4) * 10
+    cos, sin = angles.cos(), angles.sin()
+    # Distinct slots scattered over every block, not in token order.
+    gen = torch.Generator().manual_seed(5)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(DEVICE)
+    k_cache, v_cache = _cache_pair(num_blocks, block_size, hkv, head_dim, dtype)
+    initial_k, initial_v = k_cache.clone(), v_cache.clone()
+
+    torch_k_cache, torch_v_cache = k_cache.clone(), v_cache.clone()
+    torch_q, torch_k = torch_rotary.rotary_and_write_kv(q, k, v, cos, sin, torch_k_cache, torch_v_cache, slots)
+    unfused_k_cache, unfused_v_cache = k_cache.clone(), v_cache.clone()
+    unfused_q, unfused_k = apply_rotary(q.clone(), k.clone(), cos, sin)
+    write_kv(unfused_k, v, unfused_k_cache, unfused_v_cache, slots)
+
+    got_q, got_k = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert got_q is q and got_k is k  # in place
+    assert torch.equal(got_q, unfused_q) and torch.equal(got_k, unfused_k)
+    assert torch.equal(k_cache, unfused_k_cache) and torch.equal(v_cache, unfused_v_cache)
+    # The torch reference rotates in q's dtype, the kernels in fp32: close, not equal, in fp16.
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got_q, torch_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_k, torch_k, atol=tol, rtol=tol)
+    torch.testing.assert_close(k_cache, torch_k_cache, atol=tol, rtol=tol)
+    assert torch.equal(v_cache, torch_v_cache)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert torch.equal(k_cache.view(-1, hkv, head_dim)[untouched], initial_k.view(-1, hkv, head_dim)[untouched])
+    assert torch.equal(v_cache.view(-1, hkv, head_dim)[untouched], initial_v.view(-1, hkv, head_dim)[untouched])
+    assert torch.equal(k_cache.view(-1, hkv, head_dim)[slots], got_k)
+
+
+@needs_kernels
+def test_rotary_and_write_kv_on_fused_qkv_views_with_padding_cast_and_partial_rotary() -> None:
+    """q/k/v are views of one qkv buffer, fp32 into an fp16 cache, R < D; slot -1 is rotated, not stored."""
+    tokens, hq, hkv, d, half = 4, 4, 2, 32, 8
+    qkv = randn(tokens, (hq + 2 * hkv) * d)
+    before = qkv.clone()
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(tokens, hkv, d)
+    angles = randn(tokens, half, seed=4)
+    slots = torch.tensor([17, -1, 40, 2], dtype=torch.int64, device=DEVICE)
+    k_cache, v_cache = _cache_pair(3, 16, hkv, d, torch.float16)
+    want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+    want_q, want_k = apply_rotary(before[:, : hq * d].view(tokens, hq, d).clone(),
+                                  before[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d).clone(),
+                                  angles.cos(), angles.sin())
+    write_kv(want_k, v.clone(), want_k_cache, want_v_cache, slots)
+
+    rotary_and_write_kv(q, k, v, angles.cos(), angles.sin(), k_cache, v_cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(k[..., 2 * half :], before[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)[..., 2 * half :])
+    assert torch.equal(qkv[:, (hq + hkv) * d :], before[:, (hq + hkv) * d :])  # v is only read
+    assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)
+    stored = slots[slots >= 0]
+    assert torch.equal(k_cache.view(-1, hkv, d)[stored], k[slots >= 0].half())
+
+
+def test_rotary_and_write_kv_rejects_bad_arguments() -> None:
+    q, k = randn(3, 4, 32), randn(3, 2, 32)
+    k_cache, v_cache = _cache_pair(2, 16, 2, 32, torch.float32)
+    cos = randn(3, 16)
+    slots = torch.tensor([1, 2, 3], device=DEVICE)
+    with pytest.raises(ValueError, match="cos has 2 rows for 3 tokens"):
+        rotary_and_write_kv(q, k, k, cos[:2], cos[:2], k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match="2 slots for 3 tokens"):
+        rotary_and_write_kv(q, k, k, cos, cos, k_cache, v_cache, slots[:2])
+    with pytest.raises(ValueError, match="value shape"):
+        rotary_and_write_kv(q, k, k[:, :1], cos, cos, k_cache, v_cache, slots)
 
 
 # ------------------------------------------------------------------------------ SiLU-and-mul

@@ -94,6 +94,12 @@ def _capture_launches() -> list[dict[str, Any]]:
             torch.zeros(tokens, 32, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
             torch.zeros(tokens, 64), torch.zeros(tokens, 64),
         )),
+        ("rotary_and_write_kv", lambda: rotary.rotary_and_write_kv(
+            torch.zeros(tokens, 32, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
+            torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 64), torch.zeros(tokens, 64),
+            torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
+            torch.arange(tokens, dtype=torch.int64),
+        )),
         ("write_kv", lambda: kv_cache.write_kv(
             torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
@@ -173,7 +179,7 @@ def test_every_launch_compiles_within_shared_memory(compiled: list[dict[str, Any
     kernels = {c["kernel"] for c in compiled}
     assert kernels == {
         "_decode_partition_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel",
-        "_silu_and_mul_kernel", "_rotary_kernel", "_write_kv_kernel",
+        "_silu_and_mul_kernel", "_rotary_kernel", "_rotary_write_kv_kernel", "_write_kv_kernel",
     }
     for c in compiled:
         assert c["shared"] <= SHARED_MEMORY_LIMIT, c
@@ -201,7 +207,9 @@ def test_prefill_uses_hopper_tensor_cores(compiled: list[dict[str, Any]]) -> Non
 
 def test_row_kernels_load_16_byte_vectors(compiled: list[dict[str, Any]]) -> None:
     for c in compiled:
-        if c["kernel"] in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_write_kv_kernel"):
+        if c["kernel"] in (
+            "_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_rotary_write_kv_kernel", "_write_kv_kernel",
+        ):
             ops = c["opcodes"]
             assert ops.get("ld.global.v4.b32", 0) > 0, c
             assert not any(op.endswith(("b16", "u16", "s16")) for op in ops), c

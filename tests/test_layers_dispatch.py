@@ -55,7 +55,7 @@ def test_every_layer_of_a_model_uses_the_ops_it_was_built_with(tmp_path) -> None
     layer = model.model.layers[0]
     assert layer.self_attn.attn._paged_attention is ops.paged_attention
     assert layer.self_attn.attn._write_kv is ops.write_kv
-    assert layer.self_attn.apply_rotary is ops.apply_rotary
+    assert layer.self_attn.rotary_and_write_kv is ops.rotary_and_write_kv
     assert layer.mlp.silu_and_mul is ops.silu_and_mul
     assert layer.input_layernorm._fused is ops.fused_add_rms_norm
     assert model.model.norm._norm is ops.rms_norm

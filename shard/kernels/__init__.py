@@ -5,7 +5,7 @@ memory/FLOP floor; every public function validates its arguments and allocates i
   attention   paged_attention (dispatches to attention_decode / attention_prefill)
   kv_cache    write_kv
   norm        rms_norm, fused_add_rms_norm
-  rotary      apply_rotary
+  rotary      apply_rotary, rotary_and_write_kv (rotary then the KV-cache write, one launch)
   activation  silu_and_mul
 Their semantics match the torch versions in shardgen.shard.layers. This package imports
 nothing itself, so that importing it does not require Triton; import the modules.

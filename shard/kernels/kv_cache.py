@@ -73,7 +73,7 @@ def write_kv(
     slot_mapping [T] int64: the slot of each token; negative = skip (padding). Slots must
     be < num_blocks * block_size (not checked: that would need a device sync).
     """
-    _check_write_kv_args(key, value, k_cache, v_cache, slot_mapping)
+    check_write_kv_args(key, value, k_cache, v_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -92,13 +92,14 @@ def write_kv(
     )
 
 
-def _check_write_kv_args(
+def check_write_kv_args(
     key: torch.Tensor,
     value: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
+    """Validates write_kv's arguments (also checked by rotary.rotary_and_write_kv, which stores the same rows)."""
     check_dims("key", key, 3, "[T, Hkv, D]")
     require(value.shape == key.shape, f"value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}")
     check_dims("k_cache", k_cache, 4, "[num_blocks, block_size, Hkv, D]")

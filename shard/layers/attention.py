@@ -194,7 +194,9 @@ class Attention(nn.Module):
     """Writes the step's keys and values into the paged cache, then attends over it.
 
     q/k/v arrive already projected and rotated, split into this rank's heads. `ops` picks
-    the implementation (shard/layers/ops.py); None is the torch one of this module.
+    the implementation (shard/layers/ops.py); None is the torch one of this module. A
+    caller that has already written the keys and values (ops.rotary_and_write_kv) calls
+    `attend` instead of the module.
     """
 
     def __init__(
@@ -220,6 +222,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         self._write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+        return self.attend(q, kv_cache, attn)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """Attention of q over a cache that already holds this step's keys and values."""
+        k_cache, v_cache = kv_cache
         return self._paged_attention(
             q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.cu_seqlens_q,
             attn.max_seqlen_q, self.scale, self.sliding_window,

@@ -3,7 +3,9 @@
 Frequencies come from transformers' own rope init functions, so every scaling variant
 (linear, llama3, yarn) matches the reference implementation by construction. Variants
 whose frequencies depend on the current sequence length (dynamic NTK, longrope) cannot
-live in a static table and are refused at load.
+live in a static table and are refused at load. rotary_and_write_kv also stores the
+rotated keys and the values in the paged KV cache: the reference of the Triton op that
+does both in one launch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+
+from shardgen.shard.layers.attention import write_kv
 
 # "default" is computed here; the others are delegated to transformers.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -57,6 +61,25 @@ def apply_rotary(
     cos = cos.unsqueeze(1).to(q.dtype)
     sin = sin.unsqueeze(1).to(q.dtype)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def rotary_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rotary(q, k, cos, sin), then write_kv of the rotated k and v at slot_mapping; returns (q, k) rotated.
+
+    The reference of the fused Triton op, which does both in one launch.
+    """
+    q, k = apply_rotary(q, k, cos, sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
         ops: Ops,
     ) -> None:
         super().__init__()
-        self.apply_rotary = ops.apply_rotary
+        self.rotary_and_write_kv = ops.rotary_and_write_kv
         head_dim = head_dim_of(config)
         linear_ops = _linear_ops(ops, tp)
         self.qkv_proj = QKVParallelLinear(
@@ -83,8 +83,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, proj.num_heads, proj.head_dim)
         k = k.view(-1, proj.num_kv_heads, proj.head_dim)
         v = v.view(-1, proj.num_kv_heads, proj.head_dim)
-        q, k = self.apply_rotary(q, k, cos, sin)  # the Triton op rotates in place
-        out = self.attn(q, k, v, kv_cache, attn)
+        # Rotates q and k (in place with Triton) and writes the rotated k and v into the cache.
+        q, _ = self.rotary_and_write_kv(q, k, v, cos, sin, *kv_cache, attn.slot_mapping)
+        out = self.attn.attend(q, kv_cache, attn)
         return self.o_proj(out.flatten(1))
 
 
