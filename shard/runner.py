@@ -36,7 +36,7 @@ from opentelemetry import trace
 from shardgen.common.tracing import optional_span
 from shardgen.proto import generate_pb2
 from shardgen.shard.batch import CacheLimits, DecodeBatch, NewSequence, StepInputs, build_step
-from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy, PrefillGraphs
+from shardgen.shard.cuda_graphs import DecodeGraphs, GraphPolicy, PrefillGraphs, bucket_sizes
 from shardgen.shard.interceptor import BatchNotFoundError, CapacityError, NotReadyError
 from shardgen.shard.kv_cache import KVCacheSpec, PagedKVCache
 from shardgen.shard.layers.attention import AttentionMetadata
@@ -48,7 +48,7 @@ from shardgen.shard.outputs import (
     finished_rows,
     prompt_logprobs,
 )
-from shardgen.shard.sampling import SampleOutput, sample
+from shardgen.shard.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
 from shardgen.shard.transfers import HostCopy, PinnedUpload, device_tensor
 from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
 
@@ -213,7 +213,22 @@ class ModelRunner:
             if graph_tokens:
                 self.prefill_graphs = PrefillGraphs.capture(self.model, self.cache, graph_tokens,
                                                             request.max_batch_size, table_width, pool)
+        if self.device.type == "cuda":
+            self._warm_sampler(request.max_batch_size)
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.spec.block_size)
+
+    def _warm_sampler(self, max_rows: int) -> None:
+        """Compile the sampler's kernels now rather than at the first requests: Triton
+        compiles per launch constants that follow the number of rows (the greedy pick
+        splits each row in fewer chunks as rows grow), so a greedy and a sampled batch of
+        every decode bucket size run once (a fresh H100 paid ~1 s at a first request)."""
+        vocab_size = self.facts.vocab_size
+        for rows in bucket_sizes(max(max_rows, 1)):
+            logits = torch.zeros((rows, vocab_size), dtype=torch.float32, device=self.device)
+            index = torch.zeros(rows, dtype=torch.int64, device=self.device)
+            for params in (SamplingParams(), SamplingParams(do_sample=True, top_k=50, top_p=0.9)):
+                sample(logits, SamplingBatch([params] * rows, vocab_size, self.device), index, index)
+        torch.cuda.synchronize(self.device)
 
     def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int, graph_tokens: int) -> int:
         """Run the warm-up step on a temporary cache; blocks the real one may have (leaving
