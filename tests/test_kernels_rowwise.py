@@ -366,3 +366,22 @@ def test_gpu_rowwise_llama8b_sizes_bf16(tokens: int) -> None:
     write_kv(k, q[:, :8], k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, 8, 128)[slots], k)
     assert torch.equal(v_cache.view(-1, 8, 128)[slots], q[:, :8])
+
+
+@gpu_only
+@pytest.mark.parametrize("tokens", [1, 257])
+def test_gpu_rotary_and_write_kv_llama8b_sizes_bf16(tokens: int) -> None:
+    """Bit for bit the unfused kernels (apply_rotary, then write_kv) at Llama-3.1-8B sizes, with a padding row."""
+    dtype = torch.bfloat16
+    q, k = randn(tokens, 32, 128, dtype=dtype, seed=1), randn(tokens, 8, 128, dtype=dtype, seed=2)
+    v = randn(tokens, 8, 128, dtype=dtype, seed=3)
+    angles = randn(tokens, 64, seed=4) * 100
+    k_cache, v_cache = _cache_pair(tokens // 16 + 2, 16, 8, 128, dtype)
+    slots = torch.randperm(k_cache.shape[0] * 16, device=DEVICE)[:tokens]
+    slots[0] = -1
+    want_k_cache, want_v_cache = k_cache.clone(), v_cache.clone()
+    want_q, want_k = apply_rotary(q.clone(), k.clone(), angles.cos(), angles.sin())
+    write_kv(want_k, v, want_k_cache, want_v_cache, slots)
+    rotary_and_write_kv(q, k, v, angles.cos(), angles.sin(), k_cache, v_cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(k_cache, want_k_cache) and torch.equal(v_cache, want_v_cache)
