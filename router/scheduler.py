@@ -347,10 +347,7 @@ class Scheduler:
         head = self._waiting[0]
         if head.blocked_at_free is not None and self._blocks.num_free_blocks <= head.blocked_at_free:
             return True   # no block came free for it: schedule() will not start it
-        running = len(plan.decoding) + len(finishing)
-        if not running or self._steps_since_admission + 1 >= self._config.max_waiting_tokens:
-            return False
-        wanted = max(1, math.floor(running * self._config.waiting_served_ratio))
+        wanted = self._min_new_requests(len(plan.decoding) + len(finishing), self._steps_since_admission + 1)
         return self._count_startable(self._prefill_budget.current, plan, wanted) < wanted
 
     def out_of_memory(self) -> int:
@@ -446,7 +443,7 @@ class Scheduler:
         budget = self._prefill_budget.current - sum(c.length for c in plan.chunks)
         if not self._waiting or budget <= 0:
             return
-        wanted = self._min_new_requests()
+        wanted = self._min_new_requests(len(self._running), self._steps_since_admission)
         if self._count_startable(budget, plan, wanted) < wanted:
             return
         reserved = self._reserved_tokens()
@@ -472,10 +469,10 @@ class Scheduler:
         if started:
             self._steps_since_admission = 0
 
-    def _min_new_requests(self) -> int:
-        if not self._running or self._steps_since_admission >= self._config.max_waiting_tokens:
+    def _min_new_requests(self, running: int, steps_since_admission: int) -> int:
+        if not running or steps_since_admission >= self._config.max_waiting_tokens:
             return 1
-        return max(1, math.floor(len(self._running) * self._config.waiting_served_ratio))
+        return max(1, math.floor(running * self._config.waiting_served_ratio))
 
     def _count_startable(self, budget: int, plan: StepPlan, wanted: int) -> int:
         """How many waiting requests the token and size budgets alone let start (cheap)."""

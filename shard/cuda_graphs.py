@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -43,6 +45,7 @@ from shardgen.shard.layers.attention import AttentionMetadata
 from shardgen.shard.models import CausalLM
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_MAX_BATCH_SIZE = 256
 # Varlen steps up to this many tokens replay graphs; longer ones keep the device busier
@@ -73,6 +76,17 @@ class GraphPolicy:
         checked on this code's GPUs yet.
         """
         return cls(enabled=device.type == "cuda" and model.ops.graph_safe and model.tp.world_size == 1)
+
+
+def _record(forward: Callable[[], T], pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """A graph of `forward` (in `pool`) and the outputs its replays write. An eager run
+    first compiles the Triton kernels and sets up cuBLAS outside the capture."""
+    forward()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = forward()
+    return graph, outputs
 
 
 def bucket_sizes(max_batch_size: int) -> list[int]:
@@ -168,12 +182,7 @@ class DecodeGraphs:
         return hidden, self.model.compute_logits(hidden)
 
     def _capture(self, rows: int, pool: tuple[int, int]) -> None:
-        # An eager run first compiles the Triton kernels and sets up cuBLAS outside the capture.
-        self._forward(rows)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            hidden, logits = self._forward(rows)
+        graph, (hidden, logits) = _record(lambda: self._forward(rows), pool)
         self._graphs[rows] = (graph, hidden, logits)
 
     def bucket_for(self, inputs: StepInputs) -> int | None:
@@ -256,12 +265,7 @@ class PrefillGraphs:
         graphs = cls(model, cache, max_tokens, max_seqs, table_width)
         pool = pool or torch.cuda.graph_pool_handle()
         for bucket in reversed(graphs.buckets):
-            graphs._forward(bucket)  # compiles and sets up outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = graphs._forward(bucket)
-            graphs._graphs[bucket] = (graph, hidden)
+            graphs._graphs[bucket] = _record(lambda: graphs._forward(bucket), pool)
         torch.cuda.synchronize()
         logger.info("captured varlen CUDA graphs for %s tokens (up to %d sequences) in %.1f s",
                     graphs.buckets, max_seqs, time.perf_counter() - started)

@@ -123,18 +123,6 @@ class _AheadStep:
             return None
         return found
 
-    def picked_rows(self, rows: list[int]) -> SampleOutput:
-        """The device outputs of `rows` (all of them, in order, needs no copy)."""
-        if rows == list(range(len(self.batch))):
-            return self.picked
-        index = device_tensor(rows, torch.int64, self.picked.next_ids.device)
-        return SampleOutput(*(field.index_select(0, index) for field in _fields(self.picked)))
-
-    def host_rows(self, on_host: SampleOutput, rows: list[int]) -> SampleOutput:
-        if rows == list(range(len(self.batch))):
-            return on_host
-        index = torch.as_tensor(rows, dtype=torch.int64)
-        return SampleOutput(*(field.index_select(0, index) for field in _fields(on_host)))
 
 
 class ModelRunner:
@@ -419,24 +407,23 @@ class ModelRunner:
         if adopted is not None:
             assert ahead is not None and sampled is not None
             forward_started = ahead.launched_ns
-            picked: SampleOutput | None = ahead.picked_rows(adopted)
+            picked: SampleOutput | None = _select_rows(ahead.picked, adopted)
             results: HostCopy | None = ahead.results
-            sampled.sampling.observe(picked.next_ids)
         else:
             forward_started = time.perf_counter_ns()
             hidden, picked = self._compute(cache, inputs, sampled)
             # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
             results = HostCopy(*_fields(picked)) if picked is not None else None
-            if picked is not None and sampled is not None:
-                sampled.sampling.observe(picked.next_ids)
             prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
-        if run_ahead and self.run_ahead and sampled is not None and picked is not None:
-            self._ahead = self._launch_ahead(cache, limits, sampled, picked)
+        if sampled is not None and picked is not None:
+            sampled.sampling.observe(picked.next_ids)   # before any step after this one
+            if run_ahead and self.run_ahead:
+                self._ahead = self._launch_ahead(cache, limits, sampled, picked)
         on_host = None
         if results is not None:
             on_host = SampleOutput(*results.wait())
-            if adopted is not None and ahead is not None:
-                on_host = ahead.host_rows(on_host, adopted)
+            if adopted is not None:
+                on_host = _select_rows(on_host, adopted)
         forward_ns = time.perf_counter_ns() - forward_started
         batch, generations = self._commit(sampled, picked, on_host, new, prompt,
                                           limits.max_positions)
@@ -499,20 +486,19 @@ class ModelRunner:
         On CUDA both time the host's launch of the work; the RPC's span ends after the
         results reach the host.
         """
-        bucket = self.graphs.bucket_for(inputs) if self.graphs is not None and sampled is not None else None
-        varlen = self.prefill_graphs.bucket_for(inputs) if bucket is None and self.prefill_graphs is not None \
-            and cache is self.prefill_graphs.cache else None
+        decode = self.graphs if self.graphs is not None and sampled is not None else None
+        bucket = decode.bucket_for(inputs) if decode is not None else None
+        varlen = self.prefill_graphs if bucket is None else None
+        varlen_bucket = varlen.bucket_for(inputs) if varlen is not None else None
         with optional_span(_tracer, "forward") as span:
             if span.is_recording():
                 span.set_attributes({"shardgen.tokens": int(inputs.input_ids.shape[0]),
-                                     "shardgen.cuda_graph": bucket is not None or varlen is not None})
-            if bucket is not None and self.graphs is not None and sampled is not None:
-                hidden, logits = self.graphs.replay(inputs, bucket)
+                                     "shardgen.cuda_graph": bucket is not None or varlen_bucket is not None})
+            if decode is not None and bucket is not None:
+                hidden, logits = decode.replay(inputs, bucket)
             else:
-                if varlen is not None and self.prefill_graphs is not None:
-                    hidden = self.prefill_graphs.replay(inputs, varlen)
-                else:
-                    hidden = self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
+                hidden = varlen.replay(inputs, varlen_bucket) if varlen is not None and varlen_bucket is not None \
+                    else self.model(inputs.input_ids, inputs.positions, cache.layers, inputs.attn)
                 if sampled is None:
                     return hidden, None
                 logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_rows))
@@ -526,6 +512,14 @@ class ModelRunner:
 
 def _fields(picked: SampleOutput) -> list[torch.Tensor]:
     return [picked.next_ids, picked.logprobs, picked.top_ids, picked.top_logprobs]
+
+
+def _select_rows(output: SampleOutput, rows: list[int]) -> SampleOutput:
+    """The outputs of `rows`, on the device or the host; all rows in order need no copy."""
+    if rows == list(range(output.next_ids.shape[0])):
+        return output
+    index = device_tensor(rows, torch.int64, output.next_ids.device)
+    return SampleOutput(*(field.index_select(0, index) for field in _fields(output)))
 
 
 def _extend(running: list[DecodeBatch], extensions: Sequence[generate_pb2.BlockTableExtension],

@@ -6,9 +6,9 @@
 Every layer that runs one of these ops takes an `Ops` when it is built and calls through
 it, so the choice costs one attribute read per call, never a branch on the device.
 Both sets share the signatures of shard/layers (the torch reference path), with one
-difference that callers must respect: the Triton `apply_rotary` and `rotary_and_write_kv`
-rotate q and k in place (and return them), the torch ones return new tensors; callers use
-the returned pair and never the inputs afterwards.
+difference that callers must respect: the Triton `rotary_and_write_kv` rotates q and k in
+place (and returns them), the torch one returns new tensors; callers use the returned pair
+and never the inputs afterwards.
 
 The torch set reads step metadata on the host (`paged_attention` calls `.tolist()`), so
 only the Triton set can run inside a CUDA graph (`graph_safe`).
@@ -37,7 +37,6 @@ class Ops:
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    apply_rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     # apply_rotary, then write_kv of the rotated k and v: one launch in the Triton set.
     rotary_and_write_kv: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]
@@ -52,7 +51,6 @@ TORCH_OPS = Ops(
     paged_attention=attention.paged_attention,
     rms_norm=norm.rms_norm,
     fused_add_rms_norm=norm.fused_add_rms_norm,
-    apply_rotary=rotary.apply_rotary,
     rotary_and_write_kv=rotary.rotary_and_write_kv,
     silu_and_mul=activation.silu_and_mul,
     small_batch_linear=F.linear,
@@ -76,7 +74,6 @@ def triton_ops() -> Ops:
         paged_attention=k_attention.paged_attention,
         rms_norm=k_norm.rms_norm,
         fused_add_rms_norm=k_norm.fused_add_rms_norm,
-        apply_rotary=k_rotary.apply_rotary,
         rotary_and_write_kv=k_rotary.rotary_and_write_kv,
         silu_and_mul=k_activation.silu_and_mul,
         small_batch_linear=k_linear.linear,
