@@ -72,6 +72,15 @@ def marker_ids(text: str) -> list[int]:
     return stories_tokenizer()(text)["input_ids"][1:]
 
 
+# A prompt that begins with this text makes every step that carries it take 50 ms on a
+# server started with slow_env() (shard/faults.py), however fast the machine is.
+SLOW_MARKER = "Zebra quartz slow"
+
+
+def slow_env() -> dict[str, str]:
+    return {"SHARDGEN_FAULT_INJECTION": f"slow={','.join(map(str, marker_ids(SLOW_MARKER)))}"}
+
+
 @dataclass
 class StreamResult:
     """What one /generate_stream client saw."""

@@ -2,7 +2,9 @@
 out of memory (test-only fault injection, shard/faults.py), and a shard killed outright.
 
 One server serves the module with fault injection on: prompts made of a marker text make
-their Prefill raise (`error`) or run out of memory (`oom`). --max-batch-size 2 keeps the
+their Prefill raise (`error`) or run out of memory (`oom`), or every step that carries
+them take 50 ms (`slow`), so that a request outlives its deadline, or a client, however
+fast the machine running the tests is. --max-batch-size 2 keeps the
 batch of a failing step small and known; --max-batch-prefill-tokens 64 makes the budget
 cut after an out-of-memory step visible as extra prefill chunks (prefix caching is off, so
 that a prompt sent twice is computed twice).
@@ -22,8 +24,8 @@ import psutil
 import pytest
 
 from harness import STORIES, Server
-from reliability import (generate, greedy_ids, marker_ids, sample, scrape, session, stream,
-                         wait_idle)
+from reliability import (SLOW_MARKER, generate, greedy_ids, marker_ids, sample, scrape,
+                         session, slow_env, stream, wait_idle)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -34,8 +36,8 @@ OTHER = "The little dog"
 
 
 def injection_spec() -> str:
-    return (f"error={','.join(map(str, marker_ids(ERROR_MARKER)))};"
-            f"oom={','.join(map(str, marker_ids(OOM_MARKER)))}")
+    return ";".join(f"{kind}={','.join(map(str, marker_ids(marker)))}" for kind, marker in
+                    (("error", ERROR_MARKER), ("oom", OOM_MARKER), ("slow", SLOW_MARKER)))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_a_client_that_goes_away_leaves_the_batch_and_frees_its_blocks(server: S
         async with session() as client:
             started = asyncio.Event()
             leaver = asyncio.ensure_future(stream(
-                client, server, PROMPT, max_new_tokens=400, ignore_eos=True,
+                client, server, SLOW_MARKER, max_new_tokens=400, ignore_eos=True,
                 disconnect_after=5, on_event=started))
             await started.wait()
             stayer = await stream(client, server, OTHER, max_new_tokens=40)
@@ -103,7 +105,7 @@ def test_a_client_that_goes_away_leaves_the_batch_and_frees_its_blocks(server: S
 def test_a_request_past_its_timeout_gets_504_and_frees_everything(server: Server) -> None:
     expected = greedy_ids(server, PROMPT, 8)
     started = time.monotonic()
-    response = generate(server, PROMPT, headers={"x-request-timeout": "1.5"},
+    response = generate(server, SLOW_MARKER, headers={"x-request-timeout": "1.5"},
                         max_new_tokens=400, ignore_eos=True)
     elapsed = time.monotonic() - started
     assert response.status_code == 504, response.text
@@ -117,7 +119,8 @@ def test_a_request_past_its_timeout_gets_504_and_frees_everything(server: Server
 def test_a_stream_past_its_timeout_ends_with_a_timeout_event(server: Server) -> None:
     async def client():
         async with session() as http:
-            return await stream(http, server, PROMPT, headers={"x-request-timeout": "1.5"},
+            return await stream(http, server, SLOW_MARKER,
+                                headers={"x-request-timeout": "1.5"},
                                 max_new_tokens=400, ignore_eos=True)
 
     result = asyncio.run(client())
@@ -189,7 +192,8 @@ def test_out_of_memory_fails_the_step_and_shrinks_the_next_prefills(server: Serv
 
 
 def test_a_killed_shard_fails_in_flight_requests_at_once(tmp_path) -> None:
-    server = Server("--model-id", str(STORIES), log_path=tmp_path / "launcher.log")
+    server = Server("--model-id", str(STORIES), log_path=tmp_path / "launcher.log",
+                    env=slow_env())
     children = psutil.Process(server.process.pid).children(recursive=True)
     shard = next(p for p in children if "shardgen.shard" in " ".join(p.cmdline()))
     prefix = re.search(r"sockets (\S+)-\{rank\}", server.logs()).group(1)
@@ -199,7 +203,7 @@ def test_a_killed_shard_fails_in_flight_requests_at_once(tmp_path) -> None:
         nonlocal killed_at
         async with session() as http:
             first = [asyncio.Event() for _ in range(3)]
-            streams = [asyncio.ensure_future(stream(http, server, PROMPT, max_new_tokens=400,
+            streams = [asyncio.ensure_future(stream(http, server, SLOW_MARKER, max_new_tokens=400,
                                                     ignore_eos=True, on_event=event))
                        for event in first]
             await asyncio.gather(*(event.wait() for event in first))

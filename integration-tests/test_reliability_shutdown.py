@@ -3,7 +3,8 @@
 The router stops admitting at once (503, /ready 503, /health still 200), lets the
 requests in flight finish within --graceful-termination-timeout, fails those that cannot
 when it runs out, then the shards stop: the launcher exits 0, and no process and no
-socket file is left.
+socket file is left. The prompts begin with the slow marker (every step 50 ms), so that the
+requests are still running when the probes and the grace period's end come.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import pytest
 import requests
 
 from harness import STORIES, Server
-from reliability import StreamResult, generate, greedy_ids, session, stream
+from reliability import SLOW_MARKER, StreamResult, generate, greedy_ids, session, slow_env, stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-SHORT = ["Once upon a time", "The little dog", "One day, a big bird"]
+SHORT = [f"{SLOW_MARKER} {text}" for text in
+         ("Once upon a time", "The little dog", "One day, a big bird")]
 
 
 def wait_for_503(server: Server, timeout_s: float = 10.0) -> requests.Response:
@@ -41,7 +43,7 @@ def start(tmp_path, grace_s: float) -> tuple[Server, list[psutil.Process], str]:
     if not STORIES.is_dir():
         pytest.skip(f"fixture model missing: {STORIES}")
     server = Server("--model-id", str(STORIES), "--graceful-termination-timeout", str(grace_s),
-                    log_path=tmp_path / "launcher.log")
+                    log_path=tmp_path / "launcher.log", env=slow_env())
     children = psutil.Process(server.process.pid).children(recursive=True)
     prefix = re.search(r"sockets (\S+)-\{rank\}", server.logs()).group(1)
     return server, children, prefix
@@ -97,7 +99,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_stops_everything(tmp_path) 
 
 
 def test_what_outlasts_the_grace_period_fails_at_its_end(tmp_path) -> None:
-    grace_s = 1.0  # 480 tokens take far longer, however fast the machine
+    grace_s = 1.0  # 480 steps of 50 ms take far longer
     server, children, prefix = start(tmp_path, grace_s)
     try:
         (result,), terminated_at, probes = asyncio.run(terminate_while_streaming(
