@@ -98,7 +98,7 @@ def fuzz_command(port: int, args: argparse.Namespace) -> list[str]:
 
 
 # Server log lines that mean a request hurt others or the server, though every answer
-# was a 4xx: a step the shard refused fails every request in it.
+# was a 4xx: a step the shard refused fails a request and makes the others in it recompute.
 BAD_LOG_LINES = ("step failed", "the batching loop failed", "internal error", "Traceback")
 # aiohttp's own parser logs a traceback for a header it cannot parse (schemathesis sends a
 # NUL byte to probe); the client gets a 400 and nothing else is touched.

@@ -292,8 +292,9 @@ def _whole_request(kind: str, prompt: str, length: int, rng: random.Random) -> t
 
 def _expected_outcome(kind: str, outcome: str, faults: bool) -> bool:
     """Whether an outcome is one the mix calls for. 429 is always fair: the load is higher
-    than the server admits. With faults, any request may fail with the step of a faulty
-    one it shared (424, or an error event mid-stream)."""
+    than the server admits. With faults, a request may fail with faulty ones when it
+    was a suspect of two failed steps that did not show which request was at fault (424, or
+    an error event mid-stream; docs/reliability.md), which is rare."""
     if outcome.startswith("429 overloaded"):
         return True
     if faults and outcome in ("424 generation", "stream error: generation"):

@@ -258,9 +258,7 @@ class Engine:
         for seq, reason in plan.failed:
             self._close(seq.request_id, _failure(seq, reason, now))
         for seq in plan.preempted:
-            entry = self._entries[seq.request_id]
-            entry.prefill_ids.clear()
-            entry.prefill_logprobs.clear()
+            self._restart(seq)
         if plan.preempted:
             logger.info("preempted %d request(s): KV blocks ran out", len(plan.preempted))
             if self._metrics is not None:
@@ -388,10 +386,17 @@ class Engine:
         )
 
     async def _abort_step(self, plan: StepPlan, error: Exception) -> None:
-        logger.error("step failed, failing its %d request(s): %s",
-                     len(plan.decoding) + len(plan.chunks), error)
-        for seq in self._scheduler.abort_step(plan):
+        """Fail the request at fault in a failed step; the others go back to the queue
+        (Scheduler.abort_step) unless the shards could not answer at all."""
+        failed, requeued = self._scheduler.abort_step(plan, isolate=_isolatable(error))
+        logger.error("step failed (%d request(s) in it), failing %d%s: %s",
+                     len(plan.decoding) + len(plan.chunks), len(failed),
+                     f", requeuing {len(requeued)} to isolate the fault" if requeued else "",
+                     error)
+        for seq in failed:
             self._close(seq.request_id, GenerationError(f"generation failed: {error}"))
+        for seq in requeued:
+            self._restart(seq)
         if isinstance(error, ShardError) and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             before = self._scheduler.prefill_budget
             logger.warning("a shard ran out of memory: prefill budget cut from %d to %d tokens "
@@ -399,6 +404,12 @@ class Engine:
                            self._scheduler.out_of_memory())
         self._batch_id = None
         await self._clear_shard_cache()
+
+    def _restart(self, seq: Sequence) -> None:
+        """The request went back to the queue: its prompt is computed again."""
+        entry = self._entries[seq.request_id]
+        entry.prefill_ids.clear()
+        entry.prefill_logprobs.clear()
 
     async def _clear_shard_cache(self) -> None:
         try:
@@ -459,6 +470,22 @@ class Engine:
         if not self._entries:
             self._drained.set()
         return entry
+
+
+# Step failures where the shards answered: a request of the step may be at fault (bad
+# input, a bug it triggers, memory it needs), and retrying the others may succeed. A shard
+# that is unreachable or timed out fails every request at once instead.
+_ISOLATABLE_CODES = frozenset({
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+})
+
+
+def _isolatable(error: Exception) -> bool:
+    if isinstance(error, BatchMismatchError):
+        return True
+    return isinstance(error, ShardError) and error.code in _ISOLATABLE_CODES
 
 
 def _failure(seq: Sequence, reason: str, now: float) -> GenerationError:

@@ -105,6 +105,11 @@ class Sequence:
     num_computed: int = 0
     # Free blocks when admission last failed for want of blocks; None after it succeeds.
     blocked_at_free: int | None = None
+    # Fault isolation (Scheduler.abort_step): steps that failed with it among the suspects
+    # without showing which one was at fault; on trial, its prompt is computed in a step
+    # with no other prompt, and it alone is blamed when that step fails.
+    shared_failures: int = 0
+    on_trial: bool = False
 
     @property
     def num_generated(self) -> int:
@@ -307,6 +312,7 @@ class Scheduler:
             self._mark_computed(chunk.seq, chunk.start + chunk.length, commit=True)
         for chunk in last_chunks:
             self._prefilling.remove(chunk.seq)
+            chunk.seq.on_trial = False   # its prompt went through a step of its own
         for request_id, ids in tokens.items():
             self._by_id[request_id].token_ids.extend(ids)
         self._running = [self._by_id[request_id] for request_id in batch_ids]
@@ -354,17 +360,40 @@ class Scheduler:
         """A step ran out of device memory: cut the prefill budget; returns the new one."""
         return self._prefill_budget.out_of_memory()
 
-    def abort_step(self, plan: StepPlan) -> list[Sequence]:
-        """The shards failed the step: forget its requests and free their blocks.
+    def abort_step(self, plan: StepPlan, *, isolate: bool) -> tuple[list[Sequence], list[Sequence]]:
+        """The shards failed the step; returns (requests that fail, requests requeued).
 
         The engine clears the shards' cache, so nothing of the running batch survives.
+        Without isolate (the shards could not answer: dead, hung) every request of the step
+        fails. With it, one request's fault does not take the others down. The step's
+        request on trial is blamed if there is one, or the step's only request. Else the
+        suspects are the prompts of the step (the running requests came through the step
+        before), or everyone in a step without prompts: a suspect that shared a failed step
+        before is blamed, the others go on trial. Everyone not blamed goes back to the front
+        of the queue, to be recomputed as after a preemption.
         """
-        seqs = list(self._running) + [chunk.seq for chunk in plan.chunks
-                                      if chunk.seq.request_id in self._by_id]
-        for seq in seqs:
+        running = list(self._running)
+        prompts = [chunk.seq for chunk in plan.chunks if chunk.seq.request_id in self._by_id]
+        seqs = running + prompts
+        on_trial = [seq for seq in seqs if seq.on_trial]
+        if not isolate:
+            blamed = seqs
+        elif on_trial or len(seqs) == 1:
+            blamed = on_trial or seqs
+        else:
+            suspects = prompts or running
+            blamed = [seq for seq in suspects if seq.shared_failures > 0]
+            for seq in suspects:
+                seq.shared_failures += 1
+                seq.on_trial = True
+        requeued = [seq for seq in seqs if seq not in blamed]
+        for seq in blamed:
             self.remove(seq.request_id)
+        for seq in reversed(requeued):
+            self._release(seq)
+            self._requeue(seq)
         self._batch_changed = False
-        return seqs
+        return blamed, requeued
 
     # ------------------------------------------------------------------ steps of schedule()
 
@@ -441,7 +470,10 @@ class Scheduler:
     def _admit(self, plan: StepPlan) -> None:
         """Start waiting requests in FIFO order while budgets and blocks allow."""
         budget = self._prefill_budget.current - sum(c.length for c in plan.chunks)
-        if not self._waiting or budget <= 0:
+        if not self._waiting or budget <= 0 or any(seq.on_trial for seq in self._prefilling):
+            return
+        if self._waiting[0].on_trial:
+            self._start_trial(plan, budget)
             return
         wanted = self._min_new_requests(len(self._running), self._steps_since_admission)
         if self._count_startable(budget, plan, wanted) < wanted:
@@ -450,6 +482,8 @@ class Scheduler:
         started: list[PrefillChunk] = []
         while self._waiting and budget > 0 and self._has_room(plan):
             seq = self._waiting[0]
+            if seq.on_trial:
+                break   # it starts in a step of its own
             limit = self._config.max_batch_total_tokens
             if limit is not None and reserved + seq.prompt_len + seq.max_new_tokens > limit:
                 break
@@ -467,6 +501,17 @@ class Scheduler:
                 self._unstart(chunk.seq, plan)
             started = []
         if started:
+            self._steps_since_admission = 0
+
+    def _start_trial(self, plan: StepPlan, budget: int) -> None:
+        """Start the request on trial at the head of the queue, alone among prompts: once
+        no other prompt is being computed, beside the running requests only."""
+        if plan.chunks or not self._has_room(plan):
+            return
+        chunk = self._start(self._waiting[0], budget)
+        if chunk is not None:
+            self._waiting.popleft()
+            plan.chunks.append(chunk)
             self._steps_since_admission = 0
 
     def _min_new_requests(self, running: int, steps_since_admission: int) -> int:

@@ -256,6 +256,28 @@ def test_a_step_the_shard_rejects_fails_only_its_requests(tmp_path):
     asyncio.run(main())
 
 
+def test_a_bad_request_fails_alone_and_those_sharing_its_step_are_recomputed(tmp_path):
+    async def main() -> None:
+        async with serving(tmp_path) as served:
+            served.shard.step_delay_s = 0.002
+            good = [served.engine.submit(request(prompt(6, start=start), 30, seed=start,
+                                                 do_sample=True))
+                    for start in (1, 2)]
+            firsts = await asyncio.gather(*(handle.__anext__() for handle in good))
+            bad = served.engine.submit(request([5, VOCAB + 1, 6], 4))
+            with pytest.raises(GenerationError, match="shard 0 failed Prefill: INVALID_ARGUMENT"):
+                [event async for event in bad]
+            for start, first, handle in zip((1, 2), firsts, good):
+                # Tokens from before the failure and after the recomputation: the same
+                # sampled sequence as a request that never met a fault.
+                assert [first.id, *ids(await tokens_of(handle))] == reference_tokens(
+                    prompt(6, start=start), 30, ignore_eos=True, seed=start, do_sample=True)
+            await wait_idle(served)
+            assert served.blocks.num_used_blocks == 0
+            served.blocks.check_invariants()
+    asyncio.run(main())
+
+
 def test_a_dead_shard_fails_requests_at_once_even_when_another_hangs(tmp_path):
     async def main() -> None:
         async with serving(tmp_path, num_shard=2) as served:

@@ -257,8 +257,97 @@ def test_an_unexpected_outcome_is_refused_and_changes_nothing():
     with pytest.raises(BatchMismatchError, match=r"sampled tokens for \[1\]"):
         scheduler.complete(plan, {1: [TOKEN]}, set(), [1, 2])
     assert scheduler.get(1).num_computed == 0 and len(scheduler.get(1).token_ids) == 4
-    aborted = scheduler.abort_step(plan)
-    assert sorted(s.request_id for s in aborted) == [1, 2] and not scheduler.has_work
+    failed, requeued = scheduler.abort_step(plan, isolate=False)
+    assert sorted(s.request_id for s in failed) == [1, 2] and requeued == []
+    assert not scheduler.has_work
+
+
+def test_a_failed_step_of_several_requests_tries_each_alone_and_blames_one():
+    scheduler, blocks = make(max_batch_prefill_tokens=64)
+    scheduler.add(seq(1, 5, max_new_tokens=8))
+    run(scheduler, scheduler.schedule(0.0))
+    run(scheduler, scheduler.schedule(0.0))        # request 1 has 2 tokens
+    scheduler.add(seq(2, 6))
+    scheduler.add(seq(3, 7))
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(2, 0, 6), (3, 0, 7)] and plan.decoding
+    failed, requeued = scheduler.abort_step(plan, isolate=True)
+    # Nobody is blamed yet: all three go back, oldest first; the two prompts, suspects
+    # (request 1 came through the step before), are each to be tried alone.
+    assert failed == [] and [s.request_id for s in requeued] == [1, 2, 3]
+    assert [(s.on_trial, s.shared_failures) for s in requeued] == [(False, 0), (True, 1),
+                                                                   (True, 1)]
+    assert blocks.num_used_blocks == 0 and scheduler.num_waiting == 3
+    scheduler.add(seq(4, 3))
+
+    # Request 1 is recomputed (prompt and generated tokens); no prompt joins a trial's ...
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(1, 4, 3)] and not plan.decoding   # 4 from the prefix cache
+    run(scheduler, plan)
+    # ... then request 2 beside request 1's decode, and its trial fails: it alone is blamed.
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(2, 0, 6)] and [s.request_id for s in plan.decoding] == [1]
+    failed, requeued = scheduler.abort_step(plan, isolate=True)
+    assert [s.request_id for s in failed] == [2] and [s.request_id for s in requeued] == [1]
+    assert scheduler.get(2) is None and not scheduler.get(1).on_trial
+    # Request 3, still on trial, waits behind request 1's recomputation; request 4 behind it.
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(1, 4, 4)]
+    run(scheduler, plan)
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(3, 0, 7)]
+    run(scheduler, plan)
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(4, 0, 3)]
+    assert [s.request_id for s in plan.decoding] == [1, 3]
+    run(scheduler, plan)
+    while scheduler.has_work:
+        run(scheduler, scheduler.schedule(0.0))
+    assert blocks.num_used_blocks == 0
+    blocks.check_invariants()
+
+
+def test_a_request_fails_at_the_second_failed_step_it_shares():
+    scheduler, _ = make()
+    scheduler.add(seq(1, 4, max_new_tokens=8))
+    scheduler.add(seq(2, 4, max_new_tokens=8))
+    failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+    assert failed == []
+    run(scheduler, scheduler.schedule(0.0))        # each passes its trial
+    run(scheduler, scheduler.schedule(0.0))
+    assert scheduler.running_ids == [1, 2]
+    # A fault that only shows in their shared decode: no endless retry.
+    failed, requeued = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+    assert [s.request_id for s in failed] == [1, 2] and requeued == []
+    assert not scheduler.has_work
+
+
+def test_a_running_request_outlives_any_number_of_bad_prompts_that_join_it():
+    scheduler, _ = make()
+    scheduler.add(seq(1, 4, max_new_tokens=50))
+    run(scheduler, scheduler.schedule(0.0))
+    for bad in (2, 3, 4):
+        scheduler.add(seq(bad, 5))
+        failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+        assert failed == []                         # the prompt goes on trial ...
+        run(scheduler, scheduler.schedule(0.0))     # ... request 1 is recomputed ...
+        failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+        assert [s.request_id for s in failed] == [bad]   # ... and the trial fails
+        run(scheduler, scheduler.schedule(0.0))
+    assert scheduler.running_ids == [1] and scheduler.get(1).shared_failures == 0
+
+
+def test_a_failed_step_of_one_request_fails_it():
+    scheduler, _ = make()
+    scheduler.add(seq(1, 4))
+    scheduler.add(seq(2, 4))
+    failed, requeued = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+    assert failed == [] and len(requeued) == 2
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(1, 0, 4)]
+    failed, requeued = scheduler.abort_step(plan, isolate=True)
+    assert [s.request_id for s in failed] == [1] and requeued == []
+    assert chunks_of(scheduler.schedule(0.0)) == [(2, 0, 4)]
 
 
 def test_admission_does_not_retry_a_request_until_blocks_come_free():
@@ -316,6 +405,46 @@ def test_random_traffic_on_a_tiny_cache_always_completes_and_frees_every_block(s
     assert not failed
     assert done == expected
     assert preemptions > 0, "the cache was meant to be too small for the traffic"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_traffic_with_poisoned_requests_loses_none_and_fails_the_poisoned(seed):
+    """A poisoned request fails every step that computes its prompt (a bad input); the
+    steps fail with isolation, as the engine does for an error the shards answer with."""
+    rng = random.Random(seed)
+    scheduler, blocks = make(num_blocks=24, block_size=4, max_batch_prefill_tokens=24,
+                             max_batch_size=rng.choice([None, 4]))
+    poisoned = set(rng.sample(range(1, 31), 1 + seed % 3))
+    done: dict[int, int] = {}
+    failed: dict[int, Sequence] = {}
+    max_new: dict[int, int] = {}
+    next_id = 1
+    for step in range(3000):
+        if next_id <= 30 and rng.random() < 0.4:
+            s = seq(next_id, rng.randint(1, 20), rng.randint(1, 10))
+            scheduler.add(s)
+            max_new[next_id] = s.max_new_tokens
+            next_id += 1
+        plan = scheduler.schedule(float(step))
+        assert not plan.failed
+        if any(chunk.seq.request_id in poisoned for chunk in plan.chunks):
+            assert sum(chunk.seq.on_trial for chunk in plan.chunks) <= 1
+            blamed, _ = scheduler.abort_step(plan, isolate=True)
+            failed.update((s.request_id, s) for s in blamed)
+        else:
+            for finished in run(scheduler, plan):
+                done[finished.request_id] = finished.num_generated
+        blocks.check_invariants()
+        if next_id > 30 and not scheduler.has_work:
+            break
+    assert not scheduler.has_work and blocks.num_used_blocks == 0
+    assert set(done) | set(failed) == set(max_new) and not set(done) & set(failed)
+    assert poisoned <= set(failed)
+    assert all(done[request_id] == max_new[request_id] for request_id in done)
+    # An innocent request fails only after two failed steps that could not tell it apart.
+    assert all(failed[request_id].shared_failures >= 2 for request_id in set(failed) - poisoned)
+    if len(poisoned) == 1:
+        assert set(failed) == poisoned
 
 
 def test_the_next_step_is_called_a_plain_decode_only_when_no_prompt_would_start():
