@@ -193,6 +193,8 @@ class Tally:
     kinds: Counter = field(default_factory=Counter)
     tokens: int = 0
     mismatches: int = 0
+    # Requests without a fault marker that failed with a shard step (--faults).
+    collateral: int = 0
     unexpected: list[str] = field(default_factory=list)
 
 
@@ -266,6 +268,8 @@ async def one_request(http: aiohttp.ClientSession, url: str, kind: str, rng: ran
         await asyncio.sleep(rng.uniform(0.2, 1.0))
     if ids is not None and ids != mix.expected[prompt][:len(ids)]:
         tally.mismatches += 1
+    if kind != "fault" and outcome in _STEP_FAILURES:
+        tally.collateral += 1
     if not _expected_outcome(kind, outcome, mix.args.faults):
         tally.unexpected.append(f"{kind}: {outcome}")
 
@@ -290,6 +294,9 @@ def _whole_request(kind: str, prompt: str, length: int, rng: random.Random) -> t
     return "/generate", {"inputs": prompt, "parameters": parameters}
 
 
+_STEP_FAILURES = ("424 generation", "stream error: generation")
+
+
 def _expected_outcome(kind: str, outcome: str, faults: bool) -> bool:
     """Whether an outcome is one the mix calls for. 429 is always fair: the load is higher
     than the server admits. With faults, a request may fail with faulty ones when it
@@ -297,7 +304,7 @@ def _expected_outcome(kind: str, outcome: str, faults: bool) -> bool:
     an error event mid-stream; docs/reliability.md), which is rare."""
     if outcome.startswith("429 overloaded"):
         return True
-    if faults and outcome in ("424 generation", "stream error: generation"):
+    if faults and outcome in _STEP_FAILURES:
         return True
     allowed = {"malformed": ("422 validation",), "fault": ("424 generation",),
                "deadline": ("504 timeout", "stream error: timeout"),
@@ -347,6 +354,7 @@ def summarize(args: argparse.Namespace, tally: Tally, elapsed_s: float, memory: 
         "unexpected": len(tally.unexpected),
         "unexpected_examples": tally.unexpected[:10],
         "greedy_mismatches": tally.mismatches,
+        "collateral_failures": tally.collateral,
         "rss_mib": {name: {"warm": round(memory.warm.get(name, 0.0), 1),
                            "peak": round(memory.peak.get(name, 0.0), 1),
                            "final": round(memory.final.get(name, 0.0), 1)}
@@ -373,6 +381,8 @@ def print_table(summary: dict) -> None:
         print(f"| {name} | {rss['warm']} | {rss['peak']} | {rss['final']} |")
     print(f"\nunexpected outcomes: {summary['unexpected']} {summary['unexpected_examples']}")
     print(f"greedy answers unlike the solo run: {summary['greedy_mismatches']}")
+    print(f"requests without a fault marker failed with a step: "
+          f"{summary['collateral_failures']}")
     print(f"leaked KV blocks when idle: {summary['leaked_blocks']} (idle gauges "
           f"{summary['idle']}); launcher exit code {summary['launcher_exit_code']}")
 
