@@ -1,3 +1,4 @@
-"""Pieces every shardgen process uses: logging set-up and the version."""
+"""Pieces more than one shardgen process uses: logging and tracing set-up, the sampling
+parameters of a request, and the version."""
 
 __version__ = "0.1.0"

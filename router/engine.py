@@ -204,7 +204,7 @@ class Engine:
         self._scheduler.check_fits(len(request.input_ids), request.stopping.max_new_tokens)
         request_id = next(self._request_ids)
         handle = RequestHandle(request_id, self._on_cancel)
-        self._entries[request_id] = _Entry(request, handle, _chooser_parameters(request),
+        self._entries[request_id] = _Entry(request, handle, request.sampling.to_proto(),
                                            request_spans(request.trace_context, request_id))
         self._scheduler.add(Sequence(
             request_id=request_id, token_ids=list(request.input_ids),
@@ -510,14 +510,3 @@ def _step_attributes(plan: StepPlan) -> dict[str, int]:
             engine_spans.DECODE_REQUESTS: len(plan.decoding),
             engine_spans.PREFILL_REQUESTS: len(plan.chunks),
             engine_spans.PREFILL_TOKENS: sum(chunk.length for chunk in plan.chunks)}
-
-
-def _chooser_parameters(request: GenerationRequest) -> generate_pb2.NextTokenChooserParameters:
-    sampling = request.sampling
-    return generate_pb2.NextTokenChooserParameters(
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        typical_p=sampling.typical_p, min_p=sampling.min_p,
-        repetition_penalty=sampling.repetition_penalty,
-        frequency_penalty=sampling.frequency_penalty,
-        presence_penalty=sampling.presence_penalty, do_sample=sampling.do_sample,
-        seed=sampling.seed, watermark=sampling.watermark)

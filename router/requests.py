@@ -11,22 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen; the meaning of each field is in generate.proto."""
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    do_sample: bool = False
-    seed: int = 0
-    watermark: bool = False
+from shardgen.common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

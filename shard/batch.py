@@ -24,7 +24,8 @@ import torch
 
 from shardgen.proto import generate_pb2
 from shardgen.shard.layers.attention import AttentionMetadata
-from shardgen.shard.sampling import SamplingBatch, SamplingParams
+from shardgen.common.sampling_params import SamplingParams
+from shardgen.shard.sampling import SamplingBatch
 from shardgen.shard.transfers import device_tensor
 
 
@@ -115,7 +116,7 @@ class NewSequence:
         if request.generated_offset >= total:
             raise ValueError(f"request {rid}: generated_offset {request.generated_offset} must be "
                              f"less than the {total} input tokens")
-        sampling = _sampling_params(request.parameters)
+        sampling = SamplingParams.from_proto(request.parameters)
         try:
             sampling.validate()
         except ValueError as error:
@@ -127,14 +128,6 @@ class NewSequence:
                                     frozenset(stopping.stop_token_ids)),
             prefill_logprobs=request.prefill_logprobs, top_n_tokens=request.top_n_tokens,
             generated_offset=request.generated_offset)
-
-
-def _sampling_params(p: generate_pb2.NextTokenChooserParameters) -> SamplingParams:
-    return SamplingParams(
-        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, typical_p=p.typical_p,
-        min_p=p.min_p, repetition_penalty=p.repetition_penalty,
-        frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-        do_sample=p.do_sample, seed=p.seed, watermark=p.watermark)
 
 
 def _padded(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
