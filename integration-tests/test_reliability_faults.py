@@ -143,6 +143,7 @@ def test_a_malformed_timeout_header_is_422(server: Server) -> None:
 def test_a_step_that_raises_fails_only_the_request_at_fault(server: Server) -> None:
     expected_running = greedy_ids(server, OTHER, 60)
     expected_queued = greedy_ids(server, PROMPT, 20)
+    before = wait_idle(server)
 
     async def clients() -> tuple:
         async with session() as http:
@@ -164,8 +165,14 @@ def test_a_step_that_raises_fails_only_the_request_at_fault(server: Server) -> N
     # as did the one that was not in it.
     assert running.finished and running.ids == expected_running
     assert queued.finished and queued.ids == expected_queued
-    wait_idle(server)
+    after = wait_idle(server)
     assert wait_for_log(server, "requeuing 1 to isolate the fault")
+    # Two failed steps: the shared one (both requests requeued), then the faulty one's trial
+    # (the running request requeued once more).
+    assert sample(after, "shardgen_step_failures_total", code="INTERNAL") - sample(
+        before, "shardgen_step_failures_total", code="INTERNAL") == 2
+    assert sample(after, "shardgen_fault_requeues_total") - sample(
+        before, "shardgen_fault_requeues_total") == 3
 
 
 def test_out_of_memory_fails_the_step_and_shrinks_the_next_prefills(server: Server) -> None:

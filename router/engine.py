@@ -397,6 +397,9 @@ class Engine:
             self._close(seq.request_id, GenerationError(f"generation failed: {error}"))
         for seq in requeued:
             self._restart(seq)
+        if self._metrics is not None:
+            self._metrics.step_failures.labels(_status_name(error)).inc()
+            self._metrics.fault_requeues.inc(len(requeued))
         if isinstance(error, ShardError) and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             before = self._scheduler.prefill_budget
             logger.warning("a shard ran out of memory: prefill budget cut from %d to %d tokens "
@@ -486,6 +489,12 @@ def _isolatable(error: Exception) -> bool:
     if isinstance(error, BatchMismatchError):
         return True
     return isinstance(error, ShardError) and error.code in _ISOLATABLE_CODES
+
+
+def _status_name(error: Exception) -> str:
+    if isinstance(error, ShardError):
+        return error.code.name if error.code is not None else "NO_STATUS"
+    return "BATCH_MISMATCH"
 
 
 def _failure(seq: Sequence, reason: str, now: float) -> GenerationError:

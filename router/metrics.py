@@ -63,6 +63,13 @@ class Metrics:
             buckets=_SECONDS, registry=r)
         self.preemptions = Counter("shardgen_preemptions", "Requests preempted for KV blocks.",
                                    registry=r)
+        self.step_failures = Counter(
+            "shardgen_step_failures", "Steps the shards failed, by gRPC status.", ["code"],
+            registry=r)
+        self.fault_requeues = Counter(
+            "shardgen_fault_requeues",
+            "Requests of a failed step recomputed instead of failed (fault isolation).",
+            registry=r)
         self.prefix_hit_tokens = Counter("shardgen_prefix_cache_hit_tokens",
                                          "Prompt tokens served from the prefix cache.", registry=r)
         # State, read at scrape time
