@@ -135,13 +135,14 @@ class BlockManager:
 
     def allocate(
         self, request_id: int, token_ids: Sequence[int], num_tokens: int, *, priority: int = 0,
-        priority_tokens: int | None = None,
+        priority_tokens: int | None = None, reuse: bool = True,
     ) -> Allocation | None:
         """Ensure `request_id` has blocks for positions [0, num_tokens).
 
         First call for an id: reuse the cached prefix of `token_ids` (as `lookup` finds it,
-        even past num_tokens), then take the rest from the free list, evicting cached blocks
-        when it is empty. `priority` is taken from this first call: the blocks the request
+        even past num_tokens; not with reuse=False, for a request that computes its whole
+        prompt anyway), then take the rest from the free list, evicting cached blocks when it
+        is empty. `priority` is taken from this first call: the blocks the request
         reuses or commits keep the highest priority any request gave them. With
         `priority_tokens`, only the full blocks among the first priority_tokens tokens get
         it (a shared system prompt, say); the others get 0. Later calls only grow the table;
@@ -152,7 +153,7 @@ class BlockManager:
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be non-negative, got {num_tokens}")
         request = self._requests.get(request_id)
-        reused = self._match(token_ids) if request is None else []
+        reused = self._match(token_ids) if request is None and reuse else []
         table_len = len(reused) if request is None else len(request.blocks)
         num_new = max(0, -(-num_tokens // self.block_size) - table_len)
         # Reused blocks that are evictable now stop being so once referenced.

@@ -546,9 +546,12 @@ class Scheduler:
         # The slot of the token it samples too, for a step run ahead; the prompt alone if
         # only that fits.
         for tokens in dict.fromkeys((self._tokens_ahead(seq), len(seq.token_ids))):
+            # Prompt logprobs need every prompt token computed: into blocks of its own, not
+            # over cached ones that other requests read.
             allocation = self._blocks.allocate(seq.request_id, seq.token_ids, tokens,
                                                priority=seq.priority,
-                                               priority_tokens=seq.priority_tokens)
+                                               priority_tokens=seq.priority_tokens,
+                                               reuse=not seq.wants_prefill_logprobs)
             if allocation is not None:
                 break
         if allocation is None:
@@ -556,8 +559,7 @@ class Scheduler:
             return None
         seq.blocked_at_free = None
         seq.blocks = list(allocation.blocks)
-        # Prompt logprobs need every prompt token computed, cached prefix or not.
-        seq.num_computed = 0 if seq.wants_prefill_logprobs else allocation.num_cached_tokens
+        seq.num_computed = allocation.num_cached_tokens
         seq.status = SeqStatus.PREFILLING
         self._prefilling.append(seq)
         length = min(len(seq.token_ids) - seq.num_computed, budget)

@@ -104,6 +104,26 @@ def test_concurrent_requests_share_committed_blocks() -> None:
     manager.check_invariants()
 
 
+def test_without_reuse_a_cached_prefix_gets_blocks_of_its_own_and_stays_indexed() -> None:
+    manager, events = make(num_blocks=10)
+    prompt = list(range(10))
+    run_and_commit(manager, 1, prompt)  # blocks 1 2 3; 1 and 2 full and indexed
+    stored = len(events)
+    own = manager.allocate(2, prompt, len(prompt), reuse=False)
+    assert own == Allocation(blocks=[4, 5, 6], new_blocks=[4, 5, 6], num_cached_tokens=0)
+    assert manager.prefix_hit_tokens_total == 0
+    manager.commit(2, prompt, len(prompt))
+    manager.check_invariants()
+    # Its full blocks are twins of indexed ones: nothing new is indexed or announced, and
+    # they go back to the free list with the request.
+    assert len(events) == stored
+    manager.free(1)
+    manager.free(2)
+    assert manager.num_used_blocks == 0 and manager.num_cached_blocks == 2
+    assert manager.lookup(prompt) == 8
+    manager.check_invariants()
+
+
 def test_reuse_takes_evictable_blocks_out_of_the_evictable_set() -> None:
     manager, _ = make(num_blocks=7)  # 6 usable
     tokens = list(range(9))

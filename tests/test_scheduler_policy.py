@@ -206,14 +206,22 @@ def test_a_request_that_alone_cannot_grow_fails_with_the_numbers():
 
 
 def test_a_cached_prefix_is_not_computed_again_unless_prompt_logprobs_are_wanted():
-    scheduler, _ = make(block_size=4)
+    scheduler, blocks = make(block_size=4)
     scheduler.add(seq(1, 10, max_new_tokens=1, first=0))
     run(scheduler, scheduler.schedule(0.0))               # finishes; its 2 full blocks stay cached
     scheduler.add(seq(2, 10, first=0))
     scheduler.add(seq(3, 10, first=0, prefill_logprobs=True))
     plan = scheduler.schedule(0.0)
     assert chunks_of(plan) == [(2, 8, 2), (3, 0, 10)]
-    assert plan.chunks[0].seq.blocks[:2] == plan.chunks[1].seq.blocks[:2]
+    # Request 3 writes its whole prompt into blocks of its own, not over those 2 reads.
+    assert not set(plan.chunks[0].seq.blocks) & set(plan.chunks[1].seq.blocks)
+    run(scheduler, plan)
+    # Its twins of indexed blocks are not indexed: they are freed with it, and the index
+    # keeps the 3 full blocks of request 2 (the same tokens as request 3's).
+    while scheduler.has_work:
+        run(scheduler, scheduler.schedule(0.0))
+    assert blocks.num_used_blocks == 0 and blocks.num_cached_blocks == 3
+    blocks.check_invariants()
 
 
 def test_removed_requests_free_their_blocks_and_mark_the_batch_changed():
