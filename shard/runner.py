@@ -115,14 +115,13 @@ class _AheadStep:
         """This step's rows of `batch`'s requests, in `batch`'s order; None unless every
         one of them is here at the same length (then this step is the one it asks for)."""
         index = {rid: row for row, rid in enumerate(self.batch.request_ids)}
-        rows = [index.get(rid) for rid in batch.request_ids]
-        if any(row is None for row in rows):
+        try:
+            rows = [index[rid] for rid in batch.request_ids]
+        except KeyError:
             return None
-        found = [row for row in rows if row is not None]
-        if not np.array_equal(self.batch.seq_lens[found], batch.seq_lens):
+        if not np.array_equal(self.batch.seq_lens[rows], batch.seq_lens):
             return None
-        return found
-
+        return rows
 
 
 class ModelRunner:
