@@ -384,7 +384,7 @@ def profile_kernels(args: argparse.Namespace) -> dict[str, object]:
     """GPU kernels of real steps (torch.profiler, CUDA activity): per batch size, the
     decode step's kernels grouped by name (microseconds per step, launches per step), their
     sum against the step's span on the device (first kernel start to last kernel end), and
-    the same for one eager prefill of one prompt. What a fusion or a faster kernel would win."""
+    the same for one prefill of --profile-prefill-prompts prompts. What a fusion or a faster kernel would win."""
     from torch.profiler import ProfilerActivity, profile
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -419,11 +419,11 @@ def profile_kernels(args: argparse.Namespace) -> dict[str, object]:
             driver.decode()
         report[f"decode_b{batch}"] = kernels_of(driver.decode, 8)
     driver.clear()
-    prompt = prompts(1, args.context, runner.facts.vocab_size, seed=99)[0]
-    driver.prefill([driver.request(prompt, 8)])
+    batch = prompts(args.profile_prefill_prompts, args.context, runner.facts.vocab_size, seed=99)
+    driver.prefill([driver.request(p, 8) for p in batch])   # compiles what this shape needs
     driver.clear()
-    report["prefill_1x" + str(args.context)] = kernels_of(
-        lambda: driver.prefill([driver.request(prompt, 8)]), 1)
+    report[f"prefill_{len(batch)}x{args.context}"] = kernels_of(
+        lambda: driver.prefill([driver.request(p, 8) for p in batch]), 1)
     for name, result in report.items():
         print(f"== {name}: kernels {result['kernel_us_per_step']:.1f} us, span {result['span_us_per_step']:.1f} us, "
               f"{result['launches_per_step']:.0f} launches per step")
@@ -466,6 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Compute dtype of --check-tokens (weights are cast to it).")
     parser.add_argument("--profile-eager", action="store_true",
                         help="Instead: host profiles of an eager prefill and eager decode steps.")
+    parser.add_argument("--profile-prefill-prompts", type=int, default=1,
+                        help="Prompts of --context tokens in the prefill --profile-kernels profiles.")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="Instead: GPU kernels of decode steps (per batch size) and of one prefill.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file.")

@@ -45,7 +45,7 @@ class ShardConfig:
     kernel_backend: str = "torch"       # "triton" | "torch": the hot-path ops (shard/layers/ops.py)
     cuda_graphs: bool = False           # capture decode steps as CUDA graphs at warm-up
     cuda_graph_max_batch_size: int = 256
-    cuda_graph_max_prefill_tokens: int = 1024
+    cuda_graph_max_prefill_tokens: int = 2048
     run_ahead: bool = False             # launch the next decode before answering (generate.proto)
 
     @property
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "with the Triton kernels).")
     parser.add_argument("--cuda-graph-max-batch-size", type=int, default=256,
                         help="Largest decode batch captured as a graph; larger ones run eagerly.")
-    parser.add_argument("--cuda-graph-max-prefill-tokens", type=int, default=1024,
+    parser.add_argument("--cuda-graph-max-prefill-tokens", type=int, default=2048,
                         help="Largest prefill or mixed step (in tokens) replayed from a graph; 0: "
                              "none, they all run eagerly.")
     parser.add_argument("--run-ahead", default=None, action=argparse.BooleanOptionalAction,
