@@ -8,7 +8,9 @@ turns into one Prefill or Decode call. The engine reports the step's outcome bac
 Every request has a token count (prompt plus tokens generated so far) and a computed count
 (tokens whose KV the shards have written). There are no separate prefill and decode modes:
 
-- waiting     holds no blocks; admitted in FIFO order within the step's prefill token budget.
+- waiting     holds no blocks; admitted in FIFO order within the step's prefill token budget,
+              except that one sharing prompt blocks with a prompt in flight waits for them
+              to be committed (prefix caching), while the requests behind it may start.
 - prefilling  holds blocks for its whole sequence; its prompt is computed in chunks, one per
               step, while the running requests keep decoding in the same step.
 - running     lives in the shards' cached batch; computes one token per step.
@@ -37,6 +39,12 @@ from .prefill_budget import PrefillBudget
 if TYPE_CHECKING:
     from .block_manager import BlockManager
 
+# Waiting requests one step passes over while they wait for a prefix in flight (see
+# Scheduler._admit): each costs a scan of the prompts in flight, and without a bound a long
+# queue of one group's requests would be scanned whole at every step. The requests behind
+# the last one passed over wait for a later step, as behind a request that does not fit.
+MAX_DEFERRED_PER_STEP = 64
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -55,7 +63,9 @@ class SchedulerConfig:
         With 0.3, 256 requests of 1024 tokens arriving at once were held back: the last one
         started at step 565 of 820 (H100: its first token came after 14.7 s).
     enable_prefix_caching: reuse the KV of prompt prefixes already computed (the block
-        manager does it; this is where the router's entry point reads the setting from).
+        manager does it, and the scheduler asks it whether it is on; this is where the
+        router's entry point reads the setting from). A request sharing a prefix with a
+        prompt in flight then waits for its blocks instead of computing them again.
     """
 
     max_concurrent_requests: int = 128
@@ -178,6 +188,15 @@ def slot_range(blocks: list[int], block_size: int, start: int, end: int) -> list
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def common_blocks(a: list[int], b: list[int], limit: int, block_size: int) -> int:
+    """Tokens of the common prefix of `a` and `b` in whole blocks, at most `limit` (a
+    multiple of block_size that neither list is shorter than)."""
+    length = 0
+    while length < limit and a[length:length + block_size] == b[length:length + block_size]:
+        length += block_size
+    return length
 
 
 class Scheduler:
@@ -350,6 +369,9 @@ class Scheduler:
             return False
         if not self._waiting:
             return True
+        # _count_startable does not know that a request may wait for a prefix in flight
+        # (_admit), and need not: it waits only while a prompt is being computed, so either
+        # one is left after this plan (answered above) or the next step starts its provider.
         head = self._waiting[0]
         if head.blocked_at_free is not None and self._blocks.num_free_blocks <= head.blocked_at_free:
             return True   # no block came free for it: schedule() will not start it
@@ -468,7 +490,12 @@ class Scheduler:
             budget -= length
 
     def _admit(self, plan: StepPlan) -> None:
-        """Start waiting requests in FIFO order while budgets and blocks allow."""
+        """Start waiting requests in FIFO order while budgets and blocks allow.
+
+        A request that would compute prompt blocks a prompt in flight is about to commit
+        (`_waits_for_prefix`) is passed over: it keeps its place at the front and reuses
+        them in a later step; the requests behind it may start now.
+        """
         budget = self._prefill_budget.current - sum(c.length for c in plan.chunks)
         if not self._waiting or budget <= 0 or any(seq.on_trial for seq in self._prefilling):
             return
@@ -480,6 +507,9 @@ class Scheduler:
             return
         reserved = self._reserved_tokens()
         started: list[PrefillChunk] = []
+        # Taken off the front of the queue, in order: started or deferred.
+        taken: list[Sequence] = []
+        deferred = 0
         while self._waiting and budget > 0 and self._has_room(plan):
             seq = self._waiting[0]
             if seq.on_trial:
@@ -487,21 +517,61 @@ class Scheduler:
             limit = self._config.max_batch_total_tokens
             if limit is not None and reserved + seq.prompt_len + seq.max_new_tokens > limit:
                 break
+            if self._waits_for_prefix(seq):
+                taken.append(self._waiting.popleft())
+                deferred += 1
+                if deferred == MAX_DEFERRED_PER_STEP:
+                    break
+                continue
             chunk = self._start(seq, budget)
             if chunk is None:
                 break
-            self._waiting.popleft()
+            taken.append(self._waiting.popleft())
             plan.chunks.append(chunk)
             started.append(chunk)
             budget -= chunk.length
             reserved += seq.prompt_len + seq.max_new_tokens
-        if 0 < len(started) < wanted:
-            # Blocks, not budgets, held the batch back: keep the queue as it was.
+        # Deferred requests count as joining: they start once their prefix is committed
+        # (unstarting its provider would only delay them). Short of `wanted` otherwise,
+        # blocks, not budgets, held the batch back: keep the queue as it was.
+        if started and len(started) + deferred < wanted:
             for chunk in reversed(started):
                 self._unstart(chunk.seq, plan)
             started = []
+        self._waiting.extendleft(reversed([seq for seq in taken
+                                           if seq.status is SeqStatus.WAITING]))
         if started:
             self._steps_since_admission = 0
+
+    def _waits_for_prefix(self, seq: Sequence) -> bool:
+        """Whether waiting `seq` shares more whole prompt blocks with a prompt being
+        computed (its provider) than the prefix cache holds for it now.
+
+        The provider commits them as its chunks complete; `seq` then reuses them instead of
+        computing them beside it. Not when a side computes its prompt into blocks of its own
+        (prompt logprobs: nothing of it is indexed, nor reused), and not with prefix caching
+        off. The wait ends when the provider leaves the prefilling list (prompt done,
+        preempted, removed), so it never outlasts the provider's prompt.
+        """
+        if (not self._prefilling or not self._blocks.enable_prefix_caching
+                or seq.wants_prefill_logprobs):
+            return False
+        size = self._block_size
+        # The blocks `lookup` could give it: the last prompt token is always computed.
+        reusable = (seq.prompt_len - 1) // size * size
+        if reusable == 0:
+            return False
+        first_block = seq.token_ids[:size]
+        shared = 0
+        for other in self._prefilling:
+            # The first block, cheaply, before comparing prompts: most are unrelated.
+            if other.wants_prefill_logprobs or other.token_ids[:size] != first_block:
+                continue
+            limit = min(reusable, other.prompt_len // size * size)
+            shared = max(shared, common_blocks(seq.token_ids, other.token_ids, limit, size))
+            if shared == reusable:
+                break
+        return shared > 0 and shared > self._blocks.lookup(seq.token_ids)
 
     def _start_trial(self, plan: StepPlan, budget: int) -> None:
         """Start the request on trial at the head of the queue, alone among prompts: once
@@ -566,9 +636,10 @@ class Scheduler:
         return PrefillChunk(seq, seq.num_computed, length)
 
     def _unstart(self, seq: Sequence, plan: StepPlan) -> None:
+        """Undo `_start` in this step's plan; the caller puts it back in the queue."""
         self._release(seq)
         plan.chunks = [chunk for chunk in plan.chunks if chunk.seq is not seq]
-        self._requeue(seq)
+        seq.status = SeqStatus.WAITING
 
     def _requeue(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING

@@ -428,8 +428,11 @@ def test_random_traffic_with_poisoned_requests_loses_none_and_fails_the_poisoned
     max_new: dict[int, int] = {}
     next_id = 1
     for step in range(3000):
-        if next_id <= 30 and rng.random() < 0.4:
-            s = seq(next_id, rng.randint(1, 20), rng.randint(1, 10))
+        # Bursts, some sharing a new prefix: their requests wait for one another's blocks
+        # (and for a poisoned one's, which never come).
+        first = rng.choice([None, next_id * 101])
+        while next_id <= 30 and rng.random() < 0.4:
+            s = seq(next_id, rng.randint(1, 20), rng.randint(1, 10), first=first)
             scheduler.add(s)
             max_new[next_id] = s.max_new_tokens
             next_id += 1
