@@ -37,7 +37,7 @@ def _capture_launches() -> list[dict[str, Any]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from shardgen.shard.kernels import activation, attention, kv_cache, linear, norm, rotary
+    from shardgen.shard.kernels import activation, attention, kv_cache, norm, rotary
     from shardgen.shard.kernels.attention_decode import default_decode_config
 
     launches: list[dict[str, Any]] = []
@@ -100,18 +100,6 @@ def _capture_launches() -> list[dict[str, Any]]:
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
             torch.arange(tokens, dtype=torch.int64),
         )),
-        ("linear", lambda: linear.linear(x, torch.zeros(6144, hidden, dtype=bf16))),
-        ("linear broadcast", lambda: linear.linear(x[:1], torch.zeros(2 * inter, hidden, dtype=bf16))),
-        ("linear norm", lambda: linear.linear(x, torch.zeros(6144, hidden, dtype=bf16),
-                                              norm_weight=torch.zeros(hidden, dtype=bf16), eps=1e-5)),
-        ("linear norm split", lambda: linear.linear(
-            x, torch.zeros(1024, hidden, dtype=bf16), None, linear.LinearConfig(64, 128, split_k=4),
-            norm_weight=torch.zeros(hidden, dtype=bf16), eps=1e-5)),
-        ("linear gated residual", lambda: linear.linear(
-            torch.zeros(tokens, 2 * inter, dtype=bf16), torch.zeros(hidden, inter, dtype=bf16), gated=True,
-            residual=x)),
-        ("linear residual split", lambda: linear.linear(
-            x, torch.zeros(hidden, hidden, dtype=bf16), None, linear.LinearConfig(64, 128, split_k=4), residual=x)),
         ("write_kv", lambda: kv_cache.write_kv(
             torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
@@ -192,23 +180,9 @@ def test_every_launch_compiles_within_shared_memory(compiled: list[dict[str, Any
     assert kernels == {
         "_decode_partition_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel",
         "_silu_and_mul_kernel", "_rotary_kernel", "_rotary_write_kv_kernel", "_write_kv_kernel",
-        "_linear_kernel", "_sum_splits_kernel",
     }
     for c in compiled:
         assert c["shared"] <= SHARED_MEMORY_LIMIT, c
-
-
-def test_the_linear_streams_w_through_async_copies(compiled: list[dict[str, Any]]) -> None:
-    """Every variant of the small-batch linear, fused prologues included, pipelines W in
-    16-byte cp.async copies on the tensor-core path, and the broadcast path loads 16 bytes."""
-    linears = [c for c in compiled if c["kernel"] == "_linear_kernel"]
-    assert len(linears) == 6
-    for c in linears:
-        ops = c["opcodes"]
-        if c["tag"] == "linear broadcast":
-            assert ops.get("ld.global.v4.b32", 0) > 0, c
-        else:
-            assert ops.get("cp.async.cg.shared.global", 0) > 0, c
 
 
 def test_attention_streams_kv_in_16_byte_loads(compiled: list[dict[str, Any]]) -> None:

@@ -77,8 +77,6 @@ MIN_SPLIT_K = 512
 MAX_SPLIT_K = 16
 # Rows of x one program multiplies on the tensor cores (a larger M takes more programs).
 MAX_BLOCK_M = 64
-# Bytes of shared memory one program may use on an H100/H200 (stands in off CUDA).
-HOPPER_SHARED_MEMORY = 232448
 
 
 @dataclass(frozen=True)
@@ -146,26 +144,18 @@ def _max_shared_memory(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def pipeline_stages(cfg: LinearConfig, block_m: int, element_size: int, device: torch.device,
-                    x_tiles: int = 1) -> int:
-    """cfg.num_stages, or fewer where that many stages of a [block_n, block_k] tile of W and
-    x_tiles [block_m, block_k] tiles of x (2 when gated: gate and up) would overflow shared
-    memory (more rows of x, fp32, gated). Off CUDA, an H100's limit stands in (what the
-    sm_90 compile test checks)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        limit = _max_shared_memory(index)
-    else:
-        limit = HOPPER_SHARED_MEMORY
-    stage_bytes = (cfg.block_n + x_tiles * block_m) * cfg.block_k * element_size
-    return max(1, min(cfg.num_stages, limit // stage_bytes))
+def pipeline_stages(cfg: LinearConfig, block_m: int, element_size: int, device: torch.device) -> int:
+    """cfg.num_stages, or fewer where that many [block_n + block_m, block_k] tiles of W and x
+    would overflow shared memory (more rows of x, or fp32)."""
+    if device.type != "cuda":
+        return cfg.num_stages
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stage_bytes = (cfg.block_n + block_m) * cfg.block_k * element_size
+    return max(1, min(cfg.num_stages, _max_shared_memory(index) // stage_bytes))
 
 
-# What the kernel does to x before the product (see "Fused" in the module docstring); the
-# kernels read them as constexpr globals, the launch passes the plain ints.
+# What the kernel does to x before the product (see "Fused" in the module docstring).
 PLAIN, NORM, GATED = 0, 1, 2
-_NORM: tl.constexpr = tl.constexpr(NORM)
-_GATED: tl.constexpr = tl.constexpr(GATED)
 
 
 @triton.jit
@@ -179,13 +169,13 @@ def _x_tile(x_rows, norm_ptr, offs_k, row_ok, k_ok, K, PROLOGUE: tl.constexpr, E
     dtype = x_rows.dtype.element_ty
     x = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0)
     sumsq = tl.zeros((x.shape[0],), dtype=tl.float32)
-    if PROLOGUE == _GATED:
+    if PROLOGUE == GATED:
         # x is the gate half; silu rounded to the dtype, then the product rounded again.
         gate = x.to(tl.float32)
         up = tl.load(x_rows + K + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         x = (silu * up).to(dtype)
-    elif PROLOGUE == _NORM:
+    elif PROLOGUE == NORM:
         xf = x.to(tl.float32)
         if EVEN_K:
             g = tl.load(norm_ptr + offs_k)
@@ -252,7 +242,7 @@ def _linear_kernel(
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
         x, tile_sumsq = _x_tile(x_rows, norm_ptr, offs_k, m_ok, k_ok, K, PROLOGUE, EVEN_K)
-        if PROLOGUE == _NORM:
+        if PROLOGUE == NORM:
             sumsq += tile_sumsq
         if USE_DOT:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
@@ -264,11 +254,11 @@ def _linear_kernel(
     if PARTIAL:
         out = out_ptr + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         tl.store(out, acc, mask=store_ok)
-        if PROLOGUE == _NORM:
+        if PROLOGUE == NORM:
             if pid_n == 0:   # every column tile sums the same squares; the first one writes them
                 tl.store(sumsq_ptr + pid_s * M + offs_m, sumsq, mask=m_ok)
     else:
-        if PROLOGUE == _NORM:
+        if PROLOGUE == NORM:
             acc = acc * tl.rsqrt(sumsq / K + eps)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
@@ -323,11 +313,9 @@ class LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def plan_launch(
-    m: int, n: int, k: int, element_size: int, device: torch.device, config: LinearConfig | None,
-    gated: bool = False,
+    m: int, n: int, k: int, element_size: int, device: torch.device, config: LinearConfig | None
 ) -> LaunchPlan:
-    """The config (config, else the table's), tile sizes and grid for x [m, k] @ W[n, k]^T
-    (x [m, 2k] when gated); m, n, k > 0."""
+    """The config (config, else the table's), tile sizes and grid for x [m, k] @ W[n, k]^T; m, n, k > 0."""
     cfg = config or default_linear_config(m, n, k)
     block_m = min(next_power_of_2(m), MAX_BLOCK_M)
     if cfg.use_dot:
@@ -336,8 +324,7 @@ def plan_launch(
     split = cfg.split_k or choose_split_k(n_tiles, k, cfg.block_k, device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
     grid = (n_tiles, triton.cdiv(k, k_per_split), triton.cdiv(m, block_m))
-    stages = pipeline_stages(cfg, block_m, element_size, device, x_tiles=2 if gated else 1)
-    return LaunchPlan(cfg, block_m, grid, k_per_split, stages)
+    return LaunchPlan(cfg, block_m, grid, k_per_split, pipeline_stages(cfg, block_m, element_size, device))
 
 
 def linear(
@@ -372,7 +359,7 @@ def linear(
         out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
         return out if residual is None else out.add_(residual)
     prologue = NORM if norm_weight is not None else GATED if gated else PLAIN
-    plan = plan_launch(m, n, k, x.element_size(), x.device, config, gated)
+    plan = plan_launch(m, n, k, x.element_size(), x.device, config)
     cfg, splits = plan.config, plan.grid[1]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     sumsq = target
