@@ -77,24 +77,3 @@ def test_the_triton_path_matches_the_torch_path(tmp_path, config) -> None:
     for want, got in zip(logits["torch"], logits["triton"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
-
-
-@pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 set before Python starts")
-def test_the_fused_small_batch_path_matches_the_torch_path(tmp_path, monkeypatch) -> None:
-    """Norms, activation and residual adds inside the Triton linear's launches (on CUDA for at
-    most SMALL_BATCH_MAX_ROWS rows; forced here on CPU): every step of the schedule has fewer
-    rows than that, so every layer takes the fused path."""
-    from shardgen.shard.layers import linear as linear_layers
-
-    save_random_model(tmp_path, Qwen2Config(**SMALL))   # q/k/v biases: added after the norm's 1/rms
-    generator = torch.Generator().manual_seed(4)
-    sequences = [torch.randint(0, SMALL["vocab_size"], (n,), generator=generator) for n in (14, 9)]
-    want = PagedDriver(load_model(tmp_path, dtype=torch.float32, device=CPU, kernel_backend="torch"),
-                       sequences).run(split_schedule(14, 9))
-    monkeypatch.setattr(linear_layers, "small_batch_linear_for", lambda ops, device, dtype: ops.small_batch_linear)
-    model = load_model(tmp_path, dtype=torch.float32, device=CPU, kernel_backend="triton")
-    assert all(layer.fuses_small_batches for layer in model.model.layers)
-    got = PagedDriver(model, sequences).run(split_schedule(14, 9))
-    for want_step, got_step in zip(want, got):
-        torch.testing.assert_close(got_step, want_step, atol=1e-4, rtol=1e-4)
-        assert torch.equal(got_step.argmax(-1), want_step.argmax(-1))

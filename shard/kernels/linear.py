@@ -29,20 +29,6 @@ Algorithm
   fp32 partial [split, M, N] and a second kernel sums the splits in a fixed order, adds the
   bias and casts: deterministic (no atomics), so greedy decoding does not depend on timing.
 
-Fused into the same launch (decode steps run some 100 fewer kernels; each cost 1-2 us):
-  norm      x is RMS-normalised first (RMSNorm, weight g): the loop multiplies each x tile
-            by g (rounded to x's dtype) and sums x^2 per row on the side; after the loop
-            the fp32 accumulator is scaled by rsqrt(mean(x^2) + eps). This is the norm's
-            math with the 1/rms factor moved out of the sum: the rounding differs from the
-            eager pair (which rounds x/rms, then g*x/rms) by about one bf16 ulp per element.
-            With K split, each program writes its partial sum of squares too.
-  gated     x is a fused gate_up output [M, 2K]: the loop reads gate and up tiles and
-            multiplies silu(gate) * up, rounded exactly as the silu_and_mul kernel does.
-  residual  y + residual [M, N] on the way out, rounded as the eager add rounds it.
-The three serve one decoder layer of a small batch on one rank:
-    qkv = linear(h, Wqkv, norm)  ...  h = linear(attn, Wo, residual=h)
-    gu = linear(h, Wgu, norm)         h = linear(gu, Wdown, gated, residual=h)
-
 Launch parameters depend on shapes only (no device value is read): capturable in a CUDA
 graph.
 
@@ -154,55 +140,18 @@ def pipeline_stages(cfg: LinearConfig, block_m: int, element_size: int, device: 
     return max(1, min(cfg.num_stages, _max_shared_memory(index) // stage_bytes))
 
 
-# What the kernel does to x before the product (see "Fused" in the module docstring).
-PLAIN, NORM, GATED = 0, 1, 2
-
-
-@triton.jit
-def _x_tile(x_rows, norm_ptr, offs_k, row_ok, k_ok, K, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] tile of the product's left operand at columns offs_k, in x's
-    dtype, and the fp32 row sums of squares of x's tile (NORM; zeros otherwise)."""
-    if EVEN_K:
-        ok = row_ok[:, None]
-    else:
-        ok = row_ok[:, None] & k_ok[None, :]
-    dtype = x_rows.dtype.element_ty
-    x = tl.load(x_rows + offs_k[None, :], mask=ok, other=0.0)
-    sumsq = tl.zeros((x.shape[0],), dtype=tl.float32)
-    if PROLOGUE == GATED:
-        # x is the gate half; silu rounded to the dtype, then the product rounded again.
-        gate = x.to(tl.float32)
-        up = tl.load(x_rows + K + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        x = (silu * up).to(dtype)
-    elif PROLOGUE == NORM:
-        xf = x.to(tl.float32)
-        if EVEN_K:
-            g = tl.load(norm_ptr + offs_k)
-        else:
-            g = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0)
-        sumsq = tl.sum(xf * xf, axis=1)
-        x = (xf * g.to(tl.float32)[None, :]).to(dtype)
-    return x, sumsq
-
-
 @triton.jit
 def _linear_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
-    norm_ptr,
-    residual_ptr,
     out_ptr,
-    sumsq_ptr,
     M,
     N,
     K,
     stride_xm,
-    stride_rm,
     stride_om,
     k_per_split,
-    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -211,13 +160,9 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PROLOGUE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
 ):
-    """out[rows, cols] = x'[rows] @ W[cols]^T (+ bias) (+ residual), x' = x after the
-    PROLOGUE; or, when PARTIAL, the fp32 sum over this program's K split into
-    out[split, rows, cols] (out then is [splits, M, N]) and, for NORM, the split's row sums
-    of squares into sumsq[split, rows]."""
+    """out[rows, cols] = x[rows] @ W[cols]^T (+ bias), or, when PARTIAL, the fp32 sum over
+    this program's K split into out[split, rows, cols] (out then is [splits, M, N])."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -229,21 +174,19 @@ def _linear_kernel(
     m_ok = offs_m < M
     k_start = pid_s * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc3 = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
         if EVEN_K:
             w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None], other=0.0)
         else:
+            k_ok = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        x, tile_sumsq = _x_tile(x_rows, norm_ptr, offs_k, m_ok, k_ok, K, PROLOGUE, EVEN_K)
-        if PROLOGUE == NORM:
-            sumsq += tile_sumsq
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
         else:
@@ -254,51 +197,27 @@ def _linear_kernel(
     if PARTIAL:
         out = out_ptr + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         tl.store(out, acc, mask=store_ok)
-        if PROLOGUE == NORM:
-            if pid_n == 0:   # every column tile sums the same squares; the first one writes them
-                tl.store(sumsq_ptr + pid_s * M + offs_m, sumsq, mask=m_ok)
     else:
-        if PROLOGUE == NORM:
-            acc = acc * tl.rsqrt(sumsq / K + eps)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-        y = acc.to(out_ptr.dtype.element_ty)
-        if HAS_RESIDUAL:
-            residual = tl.load(residual_ptr + offs_m.to(tl.int64)[None, :] * stride_rm + offs_n[:, None],
-                               mask=store_ok, other=0.0)
-            y = (y.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
         out = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        tl.store(out, y, mask=store_ok)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
 def _sum_splits_kernel(
-    partial_ptr, bias_ptr, sumsq_ptr, residual_ptr, out_ptr, M, N, K, stride_rm, eps,
-    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, NORMED: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    partial_ptr, bias_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """out[m, n] = sum over s of partial[s, m, n] (s in order) (* the norm's 1/rms) (+ bias[n])
-    (+ residual[m, n]), cast to out's dtype (out contiguous)."""
+    """out[m, n] = sum over s of partial[s, m, n] (s in order) (+ bias[n]), cast to out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     size = M * N
     ok = offs < size
-    rows = offs // N
-    cols = offs % N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLITS):
         acc += tl.load(partial_ptr + s * size + offs, mask=ok, other=0.0)
-    if NORMED:
-        sumsq = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in tl.static_range(SPLITS):
-            sumsq += tl.load(sumsq_ptr + s * M + rows, mask=ok, other=0.0)
-        acc = acc * tl.rsqrt(sumsq / K + eps)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    y = acc.to(out_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows.to(tl.int64) * stride_rm + cols, mask=ok, other=0.0)
-        y = (y.to(tl.float32) + residual.to(tl.float32)).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, y, mask=ok)
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 class LaunchPlan(NamedTuple):
@@ -328,47 +247,28 @@ def plan_launch(
 
 
 def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    config: LinearConfig | None = None,
-    *,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    gated: bool = False,
-    residual: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: LinearConfig | None = None
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) -> new [M, N] tensor in x's dtype (fp32 accumulation).
 
     Meant for small M (decode); any M is correct, but W is re-read for every MAX_BLOCK_M
     rows. x's rows may be strided (dense along K); weight and bias must be contiguous and
     share x's dtype and device, as in F.linear's common case.
-
-    Fused (module docstring), each equal to the eager ops within rounding:
-      norm_weight [K]  x is rms_norm(x, norm_weight, eps) first (RMSNorm of x's rows);
-      gated            x is [M, 2K], gate then up: silu_and_mul(x) is the left operand;
-      residual [M, N]  added to the result (x's dtype, rows may be strided).
     """
-    _check_linear_args(x, weight, bias, norm_weight=norm_weight, gated=gated, residual=residual)
-    m = x.shape[0]
-    n, k = weight.shape
+    _check_linear_args(x, weight, bias)
+    m, k = x.shape
+    n = weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
-        out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
-        return out if residual is None else out.add_(residual)
-    prologue = NORM if norm_weight is not None else GATED if gated else PLAIN
+        return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     plan = plan_launch(m, n, k, x.element_size(), x.device, config)
     cfg, splits = plan.config, plan.grid[1]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    sumsq = target
-    if splits > 1 and prologue == NORM:
-        sumsq = torch.empty((splits, m), dtype=torch.float32, device=x.device)
     _linear_kernel[plan.grid](
-        x, weight, _or(bias, weight), _or(norm_weight, weight), _or(residual, out), target, sumsq,
-        m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
-        plan.k_per_split, eps,
+        x, weight, bias if bias is not None else weight, target,
+        m, n, k, x.stride(0), out.stride(0), plan.k_per_split,
         BLOCK_M=plan.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -377,54 +277,33 @@ def linear(
         HAS_BIAS=bias is not None,
         PARTIAL=splits > 1,
         DOT_PRECISION=dot_precision(x.dtype),
-        PROLOGUE=prologue,
-        HAS_RESIDUAL=residual is not None,
         num_warps=cfg.num_warps,
         num_stages=plan.num_stages,
     )
     if splits > 1:
         block = min(1024, next_power_of_2(m * n))
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
-            target, _or(bias, target), sumsq, _or(residual, out), out, m, n, k,
-            residual.stride(0) if residual is not None else 0, eps,
-            SPLITS=splits, HAS_BIAS=bias is not None, NORMED=prologue == NORM,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=4,
+            target, bias if bias is not None else target, out, m, n,
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
     return out
 
 
-def _or(tensor: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    """A pointer argument the kernel ignores when absent (its constexpr flag is off)."""
-    return tensor if tensor is not None else placeholder
-
-
-def _check_linear_args(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, norm_weight: torch.Tensor | None,
-    gated: bool, residual: torch.Tensor | None,
-) -> None:
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     check_dims("x", x, 2, "[M, K]")
     check_dims("weight", weight, 2, "[N, K]")
     check_float("x", x)
     require(weight.dtype == x.dtype, f"weight is {weight.dtype}, x is {x.dtype}: they must match")
-    require(not (gated and norm_weight is not None), "gated and norm_weight cannot be combined")
-    n, k = weight.shape
-    if gated:
-        require(x.shape[1] == 2 * k,
-                f"gated x [M, 2K] has {x.shape[1]} columns, weight [N, K] is {tuple(weight.shape)}")
-    else:
-        require(x.shape[1] == k, f"x [M, K] has K={x.shape[1]}, weight [N, K] is {tuple(weight.shape)}")
+    require(
+        weight.shape[1] == x.shape[1], f"x [M, K] has K={x.shape[1]}, weight [N, K] is {tuple(weight.shape)}"
+    )
     check_last_dim_contiguous("x", x)
     require(weight.is_contiguous(), f"weight must be contiguous, got strides {weight.stride()}")
-    for name, vector, size in (("bias", bias, n), ("norm_weight", norm_weight, k)):
-        if vector is not None:
-            require(
-                vector.shape == (size,) and vector.dtype == x.dtype and vector.is_contiguous(),
-                f"{name} must be a contiguous [{size}] {x.dtype} tensor, got {tuple(vector.shape)} {vector.dtype}",
-            )
-    if residual is not None:
-        require(residual.shape == (x.shape[0], n) and residual.dtype == x.dtype,
-                f"residual must be a [{x.shape[0]}, {n}] {x.dtype} tensor, got "
-                f"{tuple(residual.shape)} {residual.dtype}")
-        check_last_dim_contiguous("residual", residual)
-    present = {"x": x, "weight": weight, "bias": bias, "norm_weight": norm_weight, "residual": residual}
-    check_same_device(**{name: t for name, t in present.items() if t is not None})
+    if bias is None:
+        check_same_device(x=x, weight=weight)
+        return
+    require(
+        bias.shape == (weight.shape[0],) and bias.dtype == x.dtype and bias.is_contiguous(),
+        f"bias must be a contiguous [{weight.shape[0]}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}",
+    )
+    check_same_device(x=x, weight=weight, bias=bias)

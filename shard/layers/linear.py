@@ -12,9 +12,6 @@ A column-parallel layer feeds a row-parallel one, so a block costs one all-reduc
 The matmul is F.linear (cuBLAS), except for decode-sized inputs on a model built with the
 Triton ops: up to SMALL_BATCH_MAX_ROWS rows go to ops.small_batch_linear, a kernel that
 streams W at memory speed where cuBLAS leaves bandwidth unused (shard/kernels/linear.py).
-On one rank that kernel also takes the RMSNorm before a projection, the silu_and_mul
-before down_proj and the residual add after it (`fused`), which saves a decoder layer
-three launches.
 Whether a layer can use it is decided once, when it is built on its device (load_model
 builds the model there); a call only compares its row count. The gain is on the device:
 a Triton launch costs more host time than cuBLAS's (~50 vs ~15-23 us measured on the
@@ -30,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardgen.shard.distributed import TensorParallelGroup
-from shardgen.shard.layers.norm import RMSNorm
 from shardgen.shard.layers.ops import TORCH_OPS, Ops
 from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
 
@@ -82,24 +78,6 @@ class _ParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
-
-    @property
-    def fuses(self) -> bool:
-        """Whether `fused` can run here: the Triton small-batch linear serves this layer, on
-        one rank (a row-parallel output needs its all-reduce before any residual add)."""
-        return self._small_batch_linear is not F.linear and self.tp.world_size == 1
-
-    def fused(self, x: torch.Tensor, *, norm: RMSNorm | None = None, gated: bool = False,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
-        """forward(x) of at most SMALL_BATCH_MAX_ROWS rows in one launch, with `norm` applied
-        to x first, or x a gate_up output to silu_and_mul first (gated), and `residual` added
-        to the result (shard/kernels/linear.py, "Fused"). Only where `fuses`."""
-        if not self.fuses or x.shape[0] > SMALL_BATCH_MAX_ROWS:
-            raise ValueError(f"fused runs the Triton small-batch linear on one rank for at most "
-                             f"{SMALL_BATCH_MAX_ROWS} rows, got {x.shape[0]} rows (fuses={self.fuses})")
-        return self._small_batch_linear(
-            x, self.weight, self.bias, norm_weight=norm.weight if norm is not None else None,
-            eps=norm.eps if norm is not None else 0.0, gated=gated, residual=residual)
 
 
 class ColumnParallelLinear(_ParallelLinear):

@@ -16,12 +16,7 @@ from transformers import PretrainedConfig
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.attention import Attention, AttentionMetadata
 from shardgen.shard.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from shardgen.shard.layers.linear import (
-    SMALL_BATCH_MAX_ROWS,
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from shardgen.shard.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from shardgen.shard.layers.norm import RMSNorm
 from shardgen.shard.layers.ops import TORCH_OPS, Ops
 from shardgen.shard.layers.rotary import RotaryEmbedding
@@ -81,21 +76,17 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, attn: AttentionMetadata,
-        *, fused_norm: RMSNorm | None = None,
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, attn: AttentionMetadata
     ) -> torch.Tensor:
-        """The attention output; with fused_norm (a small batch on the fused path), hidden is
-        the residual stream, normalised inside the qkv launch, and added back inside o_proj's."""
         proj = self.qkv_proj
-        qkv = proj(hidden) if fused_norm is None else proj.fused(hidden, norm=fused_norm)
-        q, k, v = qkv.split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(hidden).split([proj.q_size, proj.kv_size, proj.kv_size], dim=-1)
         q = q.view(-1, proj.num_heads, proj.head_dim)
         k = k.view(-1, proj.num_kv_heads, proj.head_dim)
         v = v.view(-1, proj.num_kv_heads, proj.head_dim)
         # Rotates q and k (in place with Triton) and writes the rotated k and v into the cache.
         q, _ = self.rotary_and_write_kv(q, k, v, cos, sin, *kv_cache, attn.slot_mapping)
-        out = self.attn.attend(q, kv_cache, attn).flatten(1)
-        return self.o_proj(out) if fused_norm is None else self.o_proj.fused(out, residual=hidden)
+        out = self.attn.attend(q, kv_cache, attn)
+        return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -109,12 +100,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp, linear_ops)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp, linear_ops)
 
-    def forward(self, x: torch.Tensor, *, fused_norm: RMSNorm | None = None) -> torch.Tensor:
-        """The MLP output; with fused_norm, as LlamaAttention.forward: x + mlp(norm(x))."""
-        if fused_norm is None:
-            return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
-        gate_up = self.gate_up_proj.fused(x, norm=fused_norm)
-        return self.down_proj.fused(gate_up, gated=True, residual=x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -128,8 +115,6 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, mlp_bias, tp, ops)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        projections = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
-        self.fuses_small_batches = all(projection.fuses for projection in projections)
 
     def forward(
         self,
@@ -139,17 +124,8 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache,
         attn: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(this layer's output, residual stream before it): the next norm adds them.
-
-        A small batch on the Triton linear (one rank) takes the fused path instead: the norms,
-        the activation and the residual adds run inside the projections' launches, and the
-        layer returns (residual stream after it, None).
-        """
-        if self.fuses_small_batches and hidden.shape[0] <= SMALL_BATCH_MAX_ROWS:
-            stream = hidden if residual is None else hidden + residual
-            stream = self.self_attn(stream, cos, sin, kv_cache, attn, fused_norm=self.input_layernorm)
-            return self.mlp(stream, fused_norm=self.post_attention_layernorm), None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, residual stream before it); the next norm adds them."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
@@ -181,8 +157,6 @@ class LlamaModel(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn)
-        if residual is None:   # the fused path left the whole stream in hidden
-            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
