@@ -37,7 +37,7 @@ def _capture_launches() -> list[dict[str, Any]]:
     import torch
     from triton.runtime.jit import JITFunction
 
-    from shardgen.shard.kernels import activation, attention, kv_cache, norm, rotary
+    from shardgen.shard.kernels import activation, attention, kv_cache, linear, norm, rotary
     from shardgen.shard.kernels.attention_decode import default_decode_config
 
     launches: list[dict[str, Any]] = []
@@ -100,6 +100,12 @@ def _capture_launches() -> list[dict[str, Any]]:
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
             torch.arange(tokens, dtype=torch.int64),
         )),
+        ("linear", lambda: linear.linear(x, torch.zeros(6144, hidden, dtype=bf16))),
+        ("linear long k", lambda: linear.linear(
+            torch.zeros(tokens, inter, dtype=bf16), torch.zeros(hidden, inter, dtype=bf16))),
+        ("linear broadcast", lambda: linear.linear(x[:1], torch.zeros(2 * inter, hidden, dtype=bf16))),
+        ("linear split", lambda: linear.linear(
+            x, torch.zeros(hidden, hidden, dtype=bf16), None, linear.LinearConfig(64, 128, split_k=4))),
         ("write_kv", lambda: kv_cache.write_kv(
             torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
@@ -180,9 +186,20 @@ def test_every_launch_compiles_within_shared_memory(compiled: list[dict[str, Any
     assert kernels == {
         "_decode_partition_kernel", "_decode_reduce_kernel", "_prefill_kernel", "_rms_norm_kernel",
         "_silu_and_mul_kernel", "_rotary_kernel", "_rotary_write_kv_kernel", "_write_kv_kernel",
+        "_linear_kernel", "_sum_splits_kernel",
     }
     for c in compiled:
         assert c["shared"] <= SHARED_MEMORY_LIMIT, c
+
+
+def test_the_linear_streams_w_in_16_byte_pieces(compiled: list[dict[str, Any]]) -> None:
+    """The small-batch linear pipelines W through cp.async on the tensor-core path; the
+    broadcast path (one row, narrow tiles) loads it in 16-byte vectors."""
+    linears = [c for c in compiled if c["kernel"] == "_linear_kernel"]
+    assert len(linears) == 4
+    for c in linears:
+        opcode = "ld.global.v4.b32" if c["tag"] == "linear broadcast" else "cp.async.cg.shared.global"
+        assert c["opcodes"].get(opcode, 0) > 0, c
 
 
 def test_attention_streams_kv_in_16_byte_loads(compiled: list[dict[str, Any]]) -> None:
