@@ -48,6 +48,7 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    sent_s: float = 0.0   # when the request left, from the start of the load
 
 
 def _random_text(tokenizer, rng: random.Random, length: int) -> str:
@@ -136,7 +137,10 @@ async def run_load(args: argparse.Namespace, dataset: list[BenchRequest]) -> tup
 
         async def one(request: BenchRequest) -> RequestResult:
             async with limit:
-                return await _send(session, args.url, request, args.ignore_eos, headers)
+                sent = time.perf_counter() - start
+                result = await _send(session, args.url, request, args.ignore_eos, headers)
+                result.sent_s = sent
+                return result
 
         start = time.perf_counter()
         tasks = []
@@ -215,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--request-timeout", type=float, default=3600.0)
     parser.add_argument("--label", default="", help="Free text stored in the JSON.")
     parser.add_argument("--out", type=Path, default=None, help="Write the summary here as JSON.")
+    parser.add_argument("--save-requests", action="store_true",
+                        help="Also store each request's send time, TTFT and latency in the JSON.")
     return parser.parse_args(argv)
 
 
@@ -224,6 +230,11 @@ def main(argv: list[str] | None = None) -> dict:
     results, duration = asyncio.run(run_load(args, dataset))
     summary = summarize(results, duration)
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.save_requests:
+        summary["requests"] = [
+            {"sent_s": round(r.sent_s, 4), "ok": r.ok, "prompt_tokens": r.prompt_tokens,
+             "output_tokens": r.output_tokens, "ttft_ms": round(r.ttft_s * 1e3, 2),
+             "e2e_ms": round(r.latency_s * 1e3, 2)} for r in results]
     print_table(summary)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
