@@ -36,6 +36,10 @@ class Metrics:
         self.queue_duration = Histogram(
             "shardgen_request_queue_duration_seconds", "Time a request waited before its prefill.",
             buckets=_SECONDS, registry=r)
+        self.validation_duration = Histogram(
+            "shardgen_request_validation_duration_seconds",
+            "Time from arrival to the request validated and tokenized (handed to the engine next).",
+            buckets=_SECONDS, registry=r)
         self.time_to_first_token = Histogram(
             "shardgen_time_to_first_token_seconds", "Time from arrival to the first token.",
             buckets=_SECONDS, registry=r)

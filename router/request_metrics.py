@@ -28,11 +28,14 @@ class RequestTimer:
         self._arrival = clock()
         self._first_token: float | None = None
         self._last_token: float | None = None
+        self._validated: float | None = None
         self._input_tokens = 0
 
     def admitted(self, input_tokens: int) -> None:
-        """The request passed validation with this many prompt tokens."""
+        """The request passed validation (and tokenization) with this many prompt tokens."""
         if self._metrics is not None:
+            self._validated = self._clock()
+            self._metrics.validation_duration.observe(self._validated - self._arrival)
             self._input_tokens = input_tokens
             self._metrics.input_tokens.observe(input_tokens)
             self._metrics.prompt_tokens.inc(input_tokens)
@@ -58,8 +61,10 @@ class RequestTimer:
         self._metrics.request_duration.observe(duration)
         self._metrics.generated_tokens.observe(generated_tokens)
         first = self._first_token - self._arrival if self._first_token is not None else duration
-        logger.info("request done in %.3f s: %d prompt tokens, %d generated, first token "
-                    "after %.3f s", duration, self._input_tokens, generated_tokens, first)
+        validated = self._validated - self._arrival if self._validated is not None else 0.0
+        logger.info("request done in %.3f s: %d prompt tokens, %d generated, validated after "
+                    "%.3f s, first token after %.3f s", duration, self._input_tokens,
+                    generated_tokens, validated, first)
 
 
 def count_outcome(metrics: Metrics | None, outcome: str) -> None:

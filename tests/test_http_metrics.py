@@ -56,6 +56,7 @@ def test_requests_are_counted_and_timed(tokenizer: Tokenizer) -> None:
     assert values[("shardgen_prompt_tokens_total", ())] == 3 * prompt_len
     assert values[("shardgen_generated_tokens_total", ())] == 2 * len(ids)
     assert values[("shardgen_time_to_first_token_seconds_count", ())] == 2
+    assert values[("shardgen_request_validation_duration_seconds_count", ())] == 3  # not the empty one
     assert values[("shardgen_inter_token_latency_seconds_count", ())] == 2 * (len(ids) - 1)
     assert values[("shardgen_request_duration_seconds_count", ())] == 2
     assert values[("shardgen_request_generated_tokens_sum", ())] == 2 * len(ids)
@@ -63,14 +64,15 @@ def test_requests_are_counted_and_timed(tokenizer: Tokenizer) -> None:
 
 def test_timer_measures_from_arrival() -> None:
     metrics = Metrics()
-    now = iter([10.0, 10.5, 10.75, 11.0, 12.0])
+    now = iter([10.0, 10.125, 10.5, 10.75, 11.0, 12.0])
     timer = RequestTimer(metrics, clock=lambda: next(now))  # arrival at 10.0
-    timer.admitted(7)
+    timer.admitted(7)  # 10.125: validated and tokenized
     timer.token()      # 10.5: first token
     timer.token()      # 10.75
     timer.token()      # 11.0
     timer.finished(3)  # 12.0
     values = samples(metrics.render().decode())
+    assert values[("shardgen_request_validation_duration_seconds_sum", ())] == pytest.approx(0.125)
     assert values[("shardgen_time_to_first_token_seconds_sum", ())] == pytest.approx(0.5)
     assert values[("shardgen_inter_token_latency_seconds_sum", ())] == pytest.approx(0.5)
     assert values[("shardgen_inter_token_latency_seconds_count", ())] == 2

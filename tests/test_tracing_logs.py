@@ -81,7 +81,7 @@ def test_the_shard_step_thread_logs_in_the_rpcs_span(json_logs: Any) -> None:
 
 def test_a_finished_request_logs_one_line_in_its_span(json_logs: Any) -> None:
     capture_spans()
-    now = iter([1.0, 1.25, 1.5, 2.0])
+    now = iter([1.0, 1.125, 1.25, 1.5, 2.0])
     with trace.get_tracer("test").start_as_current_span("POST /generate") as span:
         timer = RequestTimer(Metrics(), clock=lambda: next(now))
         timer.admitted(7)
@@ -91,4 +91,4 @@ def test_a_finished_request_logs_one_line_in_its_span(json_logs: Any) -> None:
     (line,) = json_logs()
     assert line["trace_id"] == _ids(span)[0]
     assert line["message"] == ("request done in 1.000 s: 7 prompt tokens, 2 generated, "
-                               "first token after 0.250 s")
+                               "validated after 0.125 s, first token after 0.250 s")
