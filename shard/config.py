@@ -95,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", default=None, action=argparse.BooleanOptionalAction,
                         help="Replay decode steps as CUDA graphs (default: on for one CUDA rank "
                              "with the Triton kernels).")
-    parser.add_argument("--cuda-graph-max-batch-size", type=int, default=256,
+    parser.add_argument("--cuda-graph-max-batch-size", type=int,
+                        default=ShardConfig.cuda_graph_max_batch_size,
                         help="Largest decode batch captured as a graph; larger ones run eagerly.")
-    parser.add_argument("--cuda-graph-max-prefill-tokens", type=int, default=2048,
+    parser.add_argument("--cuda-graph-max-prefill-tokens", type=int,
+                        default=ShardConfig.cuda_graph_max_prefill_tokens,
                         help="Largest prefill or mixed step (in tokens) replayed from a graph; 0: "
                              "none, they all run eagerly.")
     parser.add_argument("--run-ahead", default=None, action=argparse.BooleanOptionalAction,

@@ -42,6 +42,12 @@ def run(scheduler: Scheduler, plan: StepPlan) -> list[Sequence]:
     return scheduler.complete(plan, {s.request_id: [TOKEN] for s in sampled}, finished, batch)
 
 
+def drain(scheduler: Scheduler) -> None:
+    """Play steps until every request has finished."""
+    while scheduler.has_work:
+        run(scheduler, scheduler.schedule(0.0))
+
+
 def chunks_of(plan: StepPlan) -> list[tuple[int, int, int]]:
     return [(c.seq.request_id, c.start, c.length) for c in plan.chunks]
 
@@ -218,8 +224,7 @@ def test_a_cached_prefix_is_not_computed_again_unless_prompt_logprobs_are_wanted
     run(scheduler, plan)
     # Its twins of indexed blocks are not indexed: they are freed with it, and the index
     # keeps the 3 full blocks of request 2 (the same tokens as request 3's).
-    while scheduler.has_work:
-        run(scheduler, scheduler.schedule(0.0))
+    drain(scheduler)
     assert blocks.num_used_blocks == 0 and blocks.num_cached_blocks == 3
     blocks.check_invariants()
 
@@ -309,8 +314,7 @@ def test_a_failed_step_of_several_requests_tries_each_alone_and_blames_one():
     assert chunks_of(plan) == [(4, 0, 3)]
     assert [s.request_id for s in plan.decoding] == [1, 3]
     run(scheduler, plan)
-    while scheduler.has_work:
-        run(scheduler, scheduler.schedule(0.0))
+    drain(scheduler)
     assert blocks.num_used_blocks == 0
     blocks.check_invariants()
 

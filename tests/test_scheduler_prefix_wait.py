@@ -4,7 +4,7 @@ committed instead of computing them again (Scheduler._admit); with the real Bloc
 from __future__ import annotations
 
 import pytest
-from test_scheduler_policy import chunks_of, make, run, seq
+from test_scheduler_policy import chunks_of, drain, make, run, seq
 
 from shardgen.router import scheduler as scheduler_module
 from shardgen.router.block_manager import BlockManager
@@ -42,8 +42,7 @@ def test_requests_arriving_together_compute_their_shared_prefix_once():
     assert [c.seq.blocks[:3] for c in plan.chunks] == [provider, provider]
     assert blocks.prefix_hit_tokens_total == 2 * PREFIX
     run(scheduler, plan)
-    while scheduler.has_work:
-        run(scheduler, scheduler.schedule(0.0))
+    drain(scheduler)
     assert blocks.num_used_blocks == 0
     blocks.check_invariants()
 
