@@ -63,5 +63,8 @@ def setup_logging(process_name: str, *, rank: int | None = None, json_output: bo
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # grpc and aiohttp access logs are noisy at INFO.
+    # grpc and aiohttp access logs are noisy at INFO; grpc and asyncio log every call or
+    # loop at DEBUG, which would bury shardgen's own debug lines (one per step).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for noisy in ("grpc", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.INFO))

@@ -329,6 +329,8 @@ class Engine:
                                      engine_spans.STEP_NS: response.timings.total_ns})
         if self._metrics is not None:
             self._observe_step(method, plan, response, started)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_step(method, plan, run_ahead, response, started)
         return list(response.generations), response.batch if response.HasField("batch") else None
 
     def _note_scheduled(self, chunks: list[PrefillChunk]) -> None:
@@ -511,6 +513,18 @@ def _outcome(generations: list[generate_pb2.Generation]) -> tuple[dict[int, list
     finished = {g.request_id for g in generations
                 if g.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED}
     return tokens, finished
+
+
+def _log_step(method: str, plan: StepPlan, run_ahead: bool,
+              response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse,
+              started: float) -> None:
+    """One debug line per step: what ran, the shard's time and the router's wall time."""
+    logger.debug("step %s: %d decoding, %d prompt chunk(s) of %d tokens, run ahead %s; "
+                 "shard forward %.2f ms, total %.2f ms; router %.2f ms",
+                 method, len(plan.decoding), len(plan.chunks),
+                 sum(chunk.length for chunk in plan.chunks), "yes" if run_ahead else "no",
+                 response.timings.forward_ns / 1e6, response.timings.total_ns / 1e6,
+                 (time.perf_counter() - started) * 1e3)
 
 
 def _step_attributes(plan: StepPlan) -> dict[str, int]:
