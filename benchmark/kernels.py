@@ -311,6 +311,9 @@ def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Ite
         (f"4 prompts {512 // k} after {cached} cached", [cached] * 4, [512 // k] * 4),
         (f"chunk {prompt} after {chunk_prefix}", [chunk_prefix], [prompt]),
         (f"16 decodes ctx {cached} + prompt {1024 // k}", [cached - 1] * 16 + [0], [1] * 16 + [1024 // k]),
+        # The shared-prefix load: a burst of cached questions while the others decode.
+        (f"56 decodes ctx {2300 // k} + 8 x {128 // k} after {cached}", [2300 // k - 1] * 56 + [cached] * 8,
+         [1] * 56 + [128 // k] * 8),
     ]
     for name, cache_lens, q_lens in specs:
         yield attention_case("prefill", name, sz, dtype, device, cache_lens, q_lens)

@@ -144,15 +144,19 @@ class Driver:
         self.blocks[rid] += new
         return new
 
-    def request(self, prompt: list[int], max_new_tokens: int) -> pb.Request:
+    def request(self, prompt: list[int], max_new_tokens: int, prefix_blocks: Sequence[int] = ()) -> pb.Request:
+        """A new request; with prefix_blocks, its first len(prefix_blocks) * BLOCK_SIZE
+        tokens are taken as cached there (as the router's prefix index hands them out)."""
         rid = self.next_id
         self.next_id += 1
-        self.blocks[rid], self.length[rid], self.tokens[rid], self.logprobs[rid] = [], len(prompt), [], []
+        cached = len(prefix_blocks) * BLOCK_SIZE
+        self.blocks[rid], self.length[rid], self.tokens[rid], self.logprobs[rid] = (
+            list(prefix_blocks), len(prompt), [], [])
         self._grow(rid, len(prompt) + 1)   # and the slot of the token it samples (run-ahead)
         table = self.blocks[rid]
         return pb.Request(
-            id=rid, input_ids=prompt, blocks=table,
-            slots=[table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))],
+            id=rid, input_ids=prompt, blocks=table, cache_len=cached,
+            slots=[table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(cached, len(prompt))],
             parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
                                                      repetition_penalty=1.0),
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens,
@@ -165,11 +169,31 @@ class Driver:
         message = pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests))
         self._absorb(self._call(self.runner.prefill, message))
 
-    def decode(self) -> None:
+    def decode(self, run_ahead: bool = True) -> None:
         """One Decode call over every waiting batch (the shard merges them into one), asking
         the shard to run the next one ahead (it does when its --run-ahead policy says so)."""
-        message = pb.DecodeRequest(batches=self.batches, block_extensions=self._extensions(), run_ahead=True)
+        message = pb.DecodeRequest(batches=self.batches, block_extensions=self._extensions(), run_ahead=run_ahead)
         self._absorb(self._call(self.runner.decode, message, sync=False), replace=True)
+
+    def mixed(self, requests: list[pb.Request]) -> None:
+        """One Prefill call of new requests riding with one decode token of the cached batch."""
+        (running,) = self.batches
+        batch_id = self.next_batch
+        self.next_batch += 1
+        message = pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests), cached_batch=running,
+                                    block_extensions=self._extensions())
+        self._absorb(self._call(self.runner.prefill, message), replace=True)
+
+    def keep(self, request_ids: Sequence[int], shared: Sequence[int] = ()) -> None:
+        """FilterBatch down to request_ids (one cached batch); the others' blocks come back,
+        except the `shared` ones (a prefix that other requests still use)."""
+        (running,) = self.batches
+        kept = set(request_ids)
+        for rid in running.request_ids:
+            if rid not in kept:
+                self.free.extend(b for b in self.blocks.pop(rid) if b not in shared)
+        self.batches = [self.runner.filter_batch(pb.FilterBatchRequest(batch_id=running.id,
+                                                                        request_ids=list(request_ids)))]
 
     def _call(self, method: Callable[[object], object], message: object, sync: bool = True) -> object:
         """The runner's answer; its wall time alone (not this driver's) goes to `calls`.
@@ -432,6 +456,83 @@ def profile_kernels(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
+def profile_mixed(args: argparse.Namespace) -> dict[str, object]:
+    """A burst of cached questions while others decode, as in the shared-prefix load: the
+    GPU kernels and wall time of one Prefill of --mixed-prompts prompts of --mixed-new
+    tokens after a shared cached prefix of --mixed-prefix tokens, riding with the decode of
+    --mixed-decodes requests at --context tokens; and of the two parts alone (the prompts
+    without decodes, the decode without prompts). The prefix's K/V are left as allocated:
+    attention reads them all the same, and no timing depends on their values."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decodes, count, prefix, new = args.mixed_decodes, args.mixed_prompts, args.mixed_prefix, args.mixed_new
+    max_total = max(args.context, prefix + new) + 64
+    runner = build_runner(args, args.kernel_backend, not args.no_cuda_graphs, None, max(decodes + count, 1),
+                          max_total)
+    driver = Driver(runner, runner.cache.num_blocks if runner.cache else 0)
+    vocab = runner.facts.vocab_size
+    for start in range(0, decodes, 32):
+        chunk = prompts(min(32, decodes - start), args.context, vocab, seed=start)
+        driver.prefill([driver.request(p, 256) for p in chunk])
+    driver.decode(run_ahead=False)   # one cached batch of the decoding requests
+    running = list(driver.batches[0].request_ids)
+    shared = [driver.free.pop() for _ in range(prefix // BLOCK_SIZE)]
+    questions = [prompts(1, prefix, vocab, seed=7)[0] + q for q in prompts(count, new, vocab, seed=8)]
+
+    def mixed() -> None:
+        driver.mixed([driver.request(q, 8, shared) for q in questions])
+        driver.keep(running, shared)
+
+    def prompts_alone() -> None:
+        saved, driver.batches = driver.batches, []
+        driver.prefill([driver.request(q, 8, shared) for q in questions])
+        for batch in driver.batches:
+            driver.runner.clear_cache(batch.id)
+            for rid in batch.request_ids:
+                driver.free.extend(b for b in driver.blocks.pop(rid) if b not in shared)
+        driver.batches = saved
+
+    def decode_alone() -> None:
+        driver.decode(run_ahead=False)
+
+    report: dict[str, object] = {"decodes": decodes, "context": args.context, "prompts": count,
+                                 "prefix": prefix, "new_tokens": new}
+    for name, step in (("mixed", mixed), ("prompts_alone", prompts_alone), ("decode_alone", decode_alone)):
+        for _ in range(3):
+            step()   # compiles and captures what the shape needs
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(10):
+            started = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - started)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        kernels = _kernel_table(prof, 3)
+        kernels["wall_ms_median"] = statistics.median(walls) * 1e3
+        report[name] = kernels
+        print(f"== {name}: wall {kernels['wall_ms_median']:.2f} ms, kernels {kernels['kernel_us_per_step']:.1f} us, "
+              f"{kernels['launches_per_step']:.0f} launches per step")
+        for row in kernels["kernels"][:12]:
+            print(f"   {row['us']:>9.1f} us  x{row['count']:<5.1f} {row['name']}")
+    return report
+
+
+def _kernel_table(prof: object, steps: int) -> dict[str, object]:
+    """Per-step CUDA kernel time by name from a torch.profiler run of `steps` steps."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0]  # type: ignore[attr-defined]
+    by_name: dict[str, list[float]] = {}
+    for event in events:
+        by_name.setdefault(event.name[:90], []).append(event.device_time)
+    kernels = sorted(((name, sum(t) / steps, len(t) / steps) for name, t in by_name.items()), key=lambda r: -r[1])
+    return {"steps": steps, "kernel_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
+            "launches_per_step": len(events) / steps,
+            "kernels": [{"name": n, "us": round(us, 2), "count": c} for n, us, c in kernels]}
+
+
 def _profiled(driver: Driver, steps: int, step: Callable[[], None]) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -470,6 +571,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Prompts of --context tokens in the prefill --profile-kernels profiles.")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="Instead: GPU kernels of decode steps (per batch size) and of one prefill.")
+    parser.add_argument("--profile-mixed", action="store_true",
+                        help="Instead: kernels and wall time of cached questions riding with decodes.")
+    parser.add_argument("--mixed-decodes", type=int, default=56, help="Decoding rows of --profile-mixed.")
+    parser.add_argument("--mixed-prompts", type=int, default=8, help="New prompts of --profile-mixed.")
+    parser.add_argument("--mixed-prefix", type=int, default=2048, help="Their shared cached prefix (tokens).")
+    parser.add_argument("--mixed-new", type=int, default=129, help="Their tokens past the prefix.")
     parser.add_argument("--out", type=Path, default=None, help="JSON output file.")
     return parser.parse_args(argv)
 
@@ -482,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile_eager:
         report = {"profile_eager": profile_eager(args)}
+    elif args.profile_mixed:
+        report = {"profile_mixed": profile_mixed(args)}
     elif args.profile_kernels:
         report = {"profile_kernels": profile_kernels(args)}
     elif args.check_tokens:
