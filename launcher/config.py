@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from shardgen.router.scheduler import SCHEDULING_POLICIES
+
 
 @dataclass(frozen=True)
 class ForwardedFlag:
@@ -18,6 +20,7 @@ class ForwardedFlag:
     type: type = int
     help: str = ""
     is_switch: bool = False      # a store_true flag
+    choices: tuple[str, ...] | None = None
 
 
 ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
@@ -35,6 +38,8 @@ ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--max-waiting-tokens", help="Decode steps a waiting request may be held back."),
     ForwardedFlag("--payload-limit", help="Largest HTTP body in bytes."),
     ForwardedFlag("--disable-prefix-caching", is_switch=True, help="Do not reuse KV blocks across requests."),
+    ForwardedFlag("--scheduling-policy", type=str, choices=SCHEDULING_POLICIES,
+                  help="Order in which waiting requests start (default shortest-prefill)."),
     ForwardedFlag("--api-key", type=str, help="Require this Bearer token on every API route."),
     ForwardedFlag("--request-timeout", type=float, help="Seconds a generation request may take (504 past it)."),
     ForwardedFlag("--parse-special-tokens", is_switch=True,
@@ -99,7 +104,8 @@ def _add_forwarded(parser: argparse.ArgumentParser, flags: tuple[ForwardedFlag, 
         if flag.is_switch:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help)
         else:
-            parser.add_argument(flag.name, type=flag.type, default=None, help=flag.help)
+            parser.add_argument(flag.name, type=flag.type, default=None, help=flag.help,
+                                choices=flag.choices)
 
 
 def _forwarded_argv(args: argparse.Namespace, flags: tuple[ForwardedFlag, ...]) -> tuple[str, ...]:

@@ -133,6 +133,20 @@ class BlockManager:
         """
         return len(self._match(token_ids)) * self.block_size
 
+    def indexed_prefix_tokens(self, hashes: Sequence[str]) -> int:
+        """Tokens of the leading blocks whose hashes (`radix.block_hashes` of a prompt) the
+        index holds: `lookup` without hashing the prompt again, for ordering requests.
+        A dictionary probe per block, no check of the tokens: a hash collision would count
+        (`lookup` and `allocate` never trust one). 0 with prefix caching off."""
+        if not self.enable_prefix_caching:
+            return 0
+        count = 0
+        for digest in hashes:
+            if self._index.get_by_hash(digest) is None:
+                break
+            count += 1
+        return count * self.block_size
+
     def allocate(
         self, request_id: int, token_ids: Sequence[int], num_tokens: int, *, priority: int = 0,
         priority_tokens: int | None = None, reuse: bool = True,

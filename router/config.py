@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shardgen.router.scheduler import SCHEDULING_POLICIES
+
 # TGI's default ceiling on the longest sequence when the model allows more.
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 # Prompt tokens computed in one step by default; longer prompts are prefilled in chunks.
@@ -51,6 +53,7 @@ class RouterConfig:
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "shortest-prefill"
     # Requests that do not say max_new_tokens get this many at most.
     default_max_new_tokens: int = 100
     payload_limit: int = 2_000_000
@@ -143,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting-tokens", type=_non_negative_int,
                    default=defaults.max_waiting_tokens)
     p.add_argument("--disable-prefix-caching", action="store_true")
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
+                   default=defaults.scheduling_policy,
+                   help="order in which waiting requests start: fewest prompt tokens left to "
+                        "compute first (after the cached prefix), or arrival order")
     p.add_argument("--default-max-new-tokens", type=_positive_int,
                    default=defaults.default_max_new_tokens,
                    help="max_new_tokens of requests that do not give one")
@@ -197,6 +204,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         waiting_served_ratio=args.waiting_served_ratio,
         max_waiting_tokens=args.max_waiting_tokens,
         enable_prefix_caching=not args.disable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
         default_max_new_tokens=args.default_max_new_tokens,
         payload_limit=args.payload_limit,
         drain_timeout_s=args.drain_timeout,

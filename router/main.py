@@ -64,7 +64,8 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
         max_batch_size=config.max_batch_size,
         waiting_served_ratio=config.waiting_served_ratio,
         max_waiting_tokens=config.max_waiting_tokens,
-        enable_prefix_caching=config.enable_prefix_caching)
+        enable_prefix_caching=config.enable_prefix_caching,
+        scheduling_policy=config.scheduling_policy)
     blocks = BlockManager(num_blocks, block_size,
                           enable_prefix_caching=config.enable_prefix_caching,
                           event_sink=kv_events.publish)

@@ -35,6 +35,19 @@ def block_hash(parent_hash: str | None, token_ids: Sequence[int]) -> str:
     return digest.hexdigest()
 
 
+def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[str]:
+    """`block_hash` of each of the first num_blocks full blocks of token_ids, chained as the
+    index chains them: the hashes a prompt's blocks get when they are committed."""
+    data = struct.pack(f"<{num_blocks * block_size}I", *token_ids[:num_blocks * block_size])
+    stride = 4 * block_size
+    hashes: list[str] = []
+    parent = b""
+    for start in range(0, len(data), stride):
+        parent = hashlib.blake2b(parent + data[start:start + stride], digest_size=8).digest()
+        hashes.append(parent.hex())
+    return hashes
+
+
 @dataclass(eq=False)
 class CachedBlock:
     """A block in the index. Mutated only by `PrefixIndex`."""

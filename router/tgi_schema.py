@@ -126,6 +126,7 @@ def info_response(config: RouterConfig, model: ModelInfo) -> JsonDict:
         "block_size": model.block_size,
         "num_shard": model.num_shard,
         "prefix_caching": config.enable_prefix_caching,
+        "scheduling_policy": config.scheduling_policy,
         "version": _version(),
         "router": "shardgen",
     }

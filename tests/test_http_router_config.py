@@ -55,7 +55,8 @@ def test_the_router_accepts_every_flag_the_launcher_forwards() -> None:
         if flag.is_switch:
             argv.append(flag.name)
         else:
-            argv += [flag.name, "http://x:1" if flag.type is str else str(flag.type(1))]
+            value = "http://x:1" if flag.type is str else str(flag.type(1))
+            argv += [flag.name, flag.choices[-1] if flag.choices else value]
     build_parser().parse_args(argv)  # argparse exits on a flag it does not know
 
 

@@ -144,7 +144,7 @@ def test_max_batch_size_counts_running_and_new_requests():
 
 
 def test_max_batch_total_tokens_reserves_prompt_plus_max_new_tokens():
-    scheduler, _ = make(max_batch_total_tokens=30, waiting_served_ratio=0.0)
+    scheduler, _ = make(max_batch_total_tokens=30, waiting_served_ratio=0.0, scheduling_policy="fcfs")
     scheduler.add(seq(1, 10, max_new_tokens=10))
     scheduler.add(seq(2, 5, max_new_tokens=5))
     scheduler.add(seq(3, 5, max_new_tokens=5))
@@ -166,7 +166,7 @@ def test_a_prompt_larger_than_the_whole_cache_is_refused_with_the_numbers():
 def test_preemption_takes_the_newest_requests_back_to_the_front_of_the_queue():
     # 4 usable blocks of 4 tokens; four prompts of 3 tokens fill them, each with the slot of
     # the token it samples.
-    scheduler, blocks = make(num_blocks=5, block_size=4)
+    scheduler, blocks = make(num_blocks=5, block_size=4, scheduling_policy="fcfs")
     scheduler.add(seq(1, 3, max_new_tokens=4))
     for request_id in (2, 3, 4):
         scheduler.add(seq(request_id, 3, max_new_tokens=6))
@@ -212,7 +212,7 @@ def test_a_request_that_alone_cannot_grow_fails_with_the_numbers():
 
 
 def test_a_cached_prefix_is_not_computed_again_unless_prompt_logprobs_are_wanted():
-    scheduler, blocks = make(block_size=4)
+    scheduler, blocks = make(block_size=4, scheduling_policy="fcfs")
     scheduler.add(seq(1, 10, max_new_tokens=1, first=0))
     run(scheduler, scheduler.schedule(0.0))               # finishes; its 2 full blocks stay cached
     scheduler.add(seq(2, 10, first=0))
@@ -230,7 +230,7 @@ def test_a_cached_prefix_is_not_computed_again_unless_prompt_logprobs_are_wanted
 
 
 def test_removed_requests_free_their_blocks_and_mark_the_batch_changed():
-    scheduler, blocks = make(max_batch_prefill_tokens=6)
+    scheduler, blocks = make(max_batch_prefill_tokens=6, scheduling_policy="fcfs")
     scheduler.add(seq(1, 4, max_new_tokens=20))
     scheduler.add(seq(2, 12, max_new_tokens=20))
     scheduler.add(seq(3, 4))

@@ -26,7 +26,7 @@ def waiting_ids(scheduler: Scheduler) -> list[int]:
 
 
 def test_requests_arriving_together_compute_their_shared_prefix_once():
-    scheduler, blocks = make(block_size=4)
+    scheduler, blocks = make(block_size=4, scheduling_policy="fcfs")
     scheduler.add(grouped(1))
     scheduler.add(grouped(2))
     scheduler.add(seq(4, 8))          # unrelated: starts beside the first one
@@ -108,7 +108,7 @@ def test_a_request_whose_provider_fails_computes_the_prefix_itself():
 
 def test_a_step_passes_over_a_bounded_number_of_waiting_requests(monkeypatch):
     monkeypatch.setattr(scheduler_module, "MAX_DEFERRED_PER_STEP", 2)
-    scheduler, _ = make(block_size=4)
+    scheduler, _ = make(block_size=4, scheduling_policy="fcfs")
     for request_id in (1, 2, 3, 4):
         scheduler.add(grouped(request_id))
     scheduler.add(seq(5, 4))
@@ -125,7 +125,8 @@ def test_a_step_passes_over_a_bounded_number_of_waiting_requests(monkeypatch):
 def test_waiting_requests_count_towards_the_served_ratio_and_keep_their_order(blocks_short):
     # 3 running requests with ratio 1.0 want 3 new ones at once.
     scheduler, blocks = make(num_blocks=11 if blocks_short else 64, block_size=4,
-                             waiting_served_ratio=1.0, max_waiting_tokens=100)
+                             waiting_served_ratio=1.0, max_waiting_tokens=100,
+                             scheduling_policy="fcfs")
     for request_id in (11, 12, 13):
         scheduler.add(seq(request_id, 3, max_new_tokens=50))
     run(scheduler, scheduler.schedule(0.0))
