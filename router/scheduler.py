@@ -50,11 +50,6 @@ MAX_DEFERRED_PER_STEP = 64
 # Waiting requests, from the front of the queue, that the shortest-prefill policy orders
 # (each costs a probe of its cached prefix per admitting step); the rest wait in FIFO order.
 ADMISSION_WINDOW = 64
-# What a step costs beyond its prompt tokens (its decode rows, the host's part), counted in
-# prompt tokens (Scheduler._step_end). Measured on an H100 with Llama-3.1-8B: a step of 64
-# decode rows and ~800 prompt tokens takes ~35 ms where 800 prompt tokens alone cost ~18
-# (8192 of them take ~190 ms): ~17 ms, the time of ~730 prompt tokens.
-STEP_OVERHEAD_TOKENS = 768
 
 SCHEDULING_POLICIES = ("shortest-prefill", "fcfs")
 
@@ -81,11 +76,11 @@ class SchedulerConfig:
         prompt in flight then waits for its blocks instead of computing them again.
     scheduling_policy: the order in which waiting requests start. "shortest-prefill"
         (default): fewest prompt tokens left to compute first (after the cached prefix;
-        the shortest-job-first order that minimises mean time to first token), and a step
-        of short prompts leaves the long ones behind them to the next step when that costs
-        the waiting requests less than it saves the short ones (`_defers_the_rest`);
-        a request passed over for max_waiting_tokens steps, or preempted, goes first
-        regardless, so none starves. "fcfs": arrival order, as TGI and vLLM do.
+        the shortest-job-first order, which lowers the mean time to first token when the
+        prompts waiting outnumber the budget: cached questions go before long prompts;
+        every step is still filled to its budget); a request passed over for
+        max_waiting_tokens steps, or preempted, goes first regardless, so none starves.
+        "fcfs": arrival order, as TGI and vLLM do.
     """
 
     max_concurrent_requests: int = 128
@@ -537,9 +532,7 @@ class Scheduler:
         reserved = self._reserved_tokens()
         started: list[PrefillChunk] = []
         deferred = 0
-        order = self._admission_order()
-        end = self._step_end(order, budget, plan)
-        for seq, _, _ in order[:end]:
+        for seq, _, _ in self._admission_order():
             if budget <= 0 or not self._has_room(plan) or seq.on_trial:
                 break   # one on trial starts in a step of its own
             limit = self._config.max_batch_total_tokens
@@ -567,43 +560,6 @@ class Scheduler:
         if started:
             self._steps_since_admission = 0
             self._leave_queue({id(chunk.seq) for chunk in started})
-
-    def _step_end(self, order: list[tuple[Sequence, int, bool]], budget: int,
-                  plan: StepPlan) -> int:
-        """How many leading entries of `order` this step may start (shortest-prefill).
-
-        The entries the budget reaches are split between this step and the next where that
-        minimises the sum of every waiting request's wait for the end of the step that
-        computes its prompt, a step costing its prompt tokens plus STEP_OVERHEAD_TOKENS.
-        Splitting after the k shortest of n reached, with W waiting in all: W * (s + P_k)
-        + (W - k) * (P_n - P_k + overhead), s being this step's overhead and continuing
-        chunks, P_k the tokens of the first k; not splitting: W * (s + P_n).
-
-        A burst of cached questions so gets its first tokens from a short step while a long
-        prompt that came with it starts in the next one; a queue of long prompts behind a
-        few short ones (a server busy with prefill) still fills every step, since splitting
-        delays each of them by a step's overhead. Entries that go first are never split off.
-        """
-        if self._config.scheduling_policy == "fcfs" or len(order) < 2:
-            return len(order)
-        reached: list[int] = []   # tokens each reached entry computes in this step
-        room = budget
-        for _, left, _ in order:
-            if room <= 0:
-                break
-            reached.append(min(left, room))
-            room -= reached[-1]
-        firsts = next((i for i, (_, _, first) in enumerate(order) if not first), len(order))
-        prefix = [0, *itertools.accumulate(reached)]   # P_k
-        waiting, total = len(order), prefix[-1]
-        step = sum(chunk.length for chunk in plan.chunks) + STEP_OVERHEAD_TOKENS
-        best_end, best_cost = len(order), waiting * (step + total)
-        for end in range(max(firsts, 1), len(reached)):
-            cost = (waiting * (step + prefix[end])
-                    + (waiting - end) * (total - prefix[end] + STEP_OVERHEAD_TOKENS))
-            if cost < best_cost:
-                best_end, best_cost = end, cost
-        return best_end
 
     def _admission_order(self) -> list[tuple[Sequence, int, bool]]:
         """(request, prompt tokens it has left to compute, goes first) for the waiting

@@ -45,51 +45,36 @@ def test_a_prompt_whose_prefix_is_cached_counts_only_the_tokens_left():
     blocks.check_invariants()
 
 
-def test_a_step_of_short_prompts_leaves_a_long_one_to_the_next_step(monkeypatch):
-    monkeypatch.setattr(scheduler_module, "STEP_OVERHEAD_TOKENS", 8)
-    scheduler, _ = make(block_size=4, max_batch_prefill_tokens=64)
-    scheduler.add(seq(1, 50))
-    for request_id in (2, 3, 4):
-        scheduler.add(seq(request_id, 5))
-    plan = scheduler.schedule(0.0)
-    # Together: 4 x (8 + 64) = 288 token-waits. Apart: 4 x (8 + 15) + 1 x (49 + 8) = 149.
-    assert chunks_of(plan) == [(2, 0, 5), (3, 0, 5), (4, 0, 5)]
-    run(scheduler, plan)
-    assert chunks_of(scheduler.schedule(0.0)) == [(1, 0, 50)]
-
-
-def test_many_long_prompts_behind_a_short_one_still_fill_the_step(monkeypatch):
-    monkeypatch.setattr(scheduler_module, "STEP_OVERHEAD_TOKENS", 8)
+def test_shorter_prompts_go_first_but_the_step_is_still_filled():
     scheduler, _ = make(num_blocks=256, block_size=4, max_batch_prefill_tokens=64)
-    for request_id in range(1, 11):
+    for request_id in range(1, 4):
         scheduler.add(seq(request_id, 30))
-    scheduler.add(seq(11, 5))
-    # Splitting off request 11 would delay the ten long ones by a step's overhead each
-    # (10 x 8) to save it the 59 tokens of theirs that this step computes.
-    assert chunks_of(scheduler.schedule(0.0)) == [(11, 0, 5), (1, 0, 30), (2, 0, 29)]
+    scheduler.add(seq(4, 5))
+    # The budget left after the short one goes to the long ones, in arrival order.
+    assert chunks_of(scheduler.schedule(0.0)) == [(4, 0, 5), (1, 0, 30), (2, 0, 29)]
 
 
-def test_fcfs_never_splits_a_step():
+def test_fcfs_takes_arrival_order():
     scheduler, _ = make(block_size=4, max_batch_prefill_tokens=64, scheduling_policy="fcfs")
     scheduler.add(seq(1, 5))
     scheduler.add(seq(2, 50))
     assert chunks_of(scheduler.schedule(0.0)) == [(1, 0, 5), (2, 0, 50)]
 
 
-def test_a_request_passed_over_max_waiting_tokens_times_goes_first(monkeypatch):
-    monkeypatch.setattr(scheduler_module, "STEP_OVERHEAD_TOKENS", 1)
-    scheduler, _ = make(block_size=4, max_batch_prefill_tokens=8, max_waiting_tokens=2)
+def test_a_request_passed_over_max_waiting_tokens_times_goes_first():
+    scheduler, _ = make(num_blocks=256, block_size=4, max_batch_prefill_tokens=8,
+                        max_waiting_tokens=2)
     scheduler.add(seq(1, 30, max_new_tokens=50))
     next_id = 2
     started = []
     for _ in range(4):
-        # A short request arrives at every step and would always be shorter.
-        scheduler.add(seq(next_id, 3, max_new_tokens=50))
+        # A shorter request that fills the budget arrives at every step.
+        scheduler.add(seq(next_id, 8, max_new_tokens=50))
         next_id += 1
         plan = scheduler.schedule(0.0)
         started.append([c.seq.request_id for c in plan.chunks])
         run(scheduler, plan)
-    # Passed over twice, request 1 then starts (chunked by the budget) ahead of the short one.
+    # Passed over twice, request 1 then starts (chunked by the budget) ahead of the shorter one.
     assert started[:2] == [[2], [3]]
     assert started[2][0] == 1
 
