@@ -66,62 +66,6 @@ def test_long_encodes_leave_the_loop_free_and_agree_with_decodes(llama3: Tokeniz
     assert ticks > len(texts)  # the loop kept running while the thread encoded
 
 
-def test_encodes_waiting_together_go_in_one_call_and_match_one_by_one(llama3: Tokenizer) -> None:
-    texts = [f"Prompt {i}: " + "a tale of two cities. " * (20 + i) for i in range(6)]
-    literal = "<|eot_id|> is written here as text " * 10
-    calls: list[int] = []
-    encode_many = llama3._encode_many
-
-    def counted(jobs):  # type: ignore[no-untyped-def]
-        calls.append(len(jobs))
-        return encode_many(jobs)
-
-    llama3._batches._encode_many = counted
-    try:
-        async def main() -> list[list[int]]:
-            return await asyncio.gather(
-                *(llama3.encode(text) for text in texts),
-                llama3.encode(literal, parse_special_tokens=False),
-                llama3.encode(literal, add_special_tokens=False))
-        encoded = asyncio.run(main())
-    finally:
-        llama3._batches._encode_many = encode_many
-    # The first call starts alone; the rest waited for it and went in one call.
-    assert calls == [1, len(texts) + 1]
-    assert encoded[:len(texts)] == [llama3.hf(text)["input_ids"] for text in texts]
-    assert encoded[-2] == llama3.encode_sync(literal, parse_special_tokens=False)
-    assert encoded[-1] == llama3.hf(literal, add_special_tokens=False)["input_ids"]
-    eot = llama3.hf.convert_tokens_to_ids("<|eot_id|>")
-    assert eot not in encoded[-2] and eot in encoded[-1]
-
-
-def test_a_text_that_fails_to_encode_fails_alone(llama3: Tokenizer) -> None:
-    good = "fine text " * 20
-    bad = "this one breaks " * 20
-    hf = llama3.hf
-
-    class Breaking:
-        """The tokenizer, except that any call that includes `bad` raises."""
-
-        def __call__(self, text, **kwargs):  # type: ignore[no-untyped-def]
-            if bad in (text if isinstance(text, list) else [text]):
-                raise ValueError("cannot encode this text")
-            return hf(text, **kwargs)
-
-    llama3.hf = Breaking()
-    try:
-        async def main() -> list[object]:
-            # good alone in the first call; bad and the other good share the second.
-            return await asyncio.gather(llama3.encode(good), llama3.encode(bad),
-                                        llama3.encode(good + "!"), return_exceptions=True)
-        results = asyncio.run(main())
-    finally:
-        llama3.hf = hf
-    assert results[0] == hf(good)["input_ids"]
-    assert isinstance(results[1], ValueError)
-    assert results[2] == hf(good + "!")["input_ids"]
-
-
 @pytest.mark.parametrize("name", ["llama3", "llama2", "qwen2", "gpt2"])
 def test_decode_gives_what_transformers_decode_gives(name: str) -> None:
     tokenizer = load(name)
