@@ -409,30 +409,12 @@ def profile_kernels(args: argparse.Namespace) -> dict[str, object]:
     decode step's kernels grouped by name (microseconds per step, launches per step), their
     sum against the step's span on the device (first kernel start to last kernel end), and
     the same for one prefill of --profile-prefill-prompts prompts. What a fusion or a faster kernel would win."""
-    from torch.profiler import ProfilerActivity, profile
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     max_total = args.context + 64
     runner = build_runner(args, args.kernel_backend, not args.no_cuda_graphs, None, max(batches), max_total)
     driver = Driver(runner, runner.cache.num_blocks if runner.cache else 0)
     report: dict[str, object] = {}
-
-    def kernels_of(step: Callable[[], None], steps: int) -> dict[str, object]:
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        events = [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0]
-        by_name: dict[str, list[float]] = {}
-        for event in events:
-            by_name.setdefault(event.name[:90], []).append(event.device_time)
-        span_us = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0
-        kernels = sorted(((name, sum(t) / steps, len(t) / steps) for name, t in by_name.items()),
-                         key=lambda row: -row[1])
-        return {"steps": steps, "kernel_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
-                "span_us_per_step": span_us / steps, "launches_per_step": len(events) / steps,
-                "kernels": [{"name": n, "us": round(us, 2), "count": c} for n, us, c in kernels]}
 
     for batch in batches:
         driver.clear()
@@ -463,7 +445,6 @@ def profile_mixed(args: argparse.Namespace) -> dict[str, object]:
     --mixed-decodes requests at --context tokens; and of the two parts alone (the prompts
     without decodes, the decode without prompts). The prefix's K/V are left as allocated:
     attention reads them all the same, and no timing depends on their values."""
-    from torch.profiler import ProfilerActivity, profile
 
     decodes, count, prefix, new = args.mixed_decodes, args.mixed_prompts, args.mixed_prefix, args.mixed_new
     max_total = max(args.context, prefix + new) + 64
@@ -507,11 +488,7 @@ def profile_mixed(args: argparse.Namespace) -> dict[str, object]:
             step()
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - started)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-        kernels = _kernel_table(prof, 3)
+        kernels = kernels_of(step, 3)
         kernels["wall_ms_median"] = statistics.median(walls) * 1e3
         report[name] = kernels
         print(f"== {name}: wall {kernels['wall_ms_median']:.2f} ms, kernels {kernels['kernel_us_per_step']:.1f} us, "
@@ -521,15 +498,25 @@ def profile_mixed(args: argparse.Namespace) -> dict[str, object]:
     return report
 
 
-def _kernel_table(prof: object, steps: int) -> dict[str, object]:
-    """Per-step CUDA kernel time by name from a torch.profiler run of `steps` steps."""
-    events = [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0]  # type: ignore[attr-defined]
+def kernels_of(step: Callable[[], None], steps: int) -> dict[str, object]:
+    """GPU kernels of `steps` calls of step (torch.profiler, CUDA activity), per step: time
+    by kernel name, their sum, the span from the first kernel's start to the last's end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0]
     by_name: dict[str, list[float]] = {}
     for event in events:
         by_name.setdefault(event.name[:90], []).append(event.device_time)
-    kernels = sorted(((name, sum(t) / steps, len(t) / steps) for name, t in by_name.items()), key=lambda r: -r[1])
+    span_us = (max(e.time_range.end for e in events) - min(e.time_range.start for e in events)) if events else 0
+    kernels = sorted(((name, sum(t) / steps, len(t) / steps) for name, t in by_name.items()),
+                     key=lambda row: -row[1])
     return {"steps": steps, "kernel_us_per_step": sum(sum(t) for t in by_name.values()) / steps,
-            "launches_per_step": len(events) / steps,
+            "span_us_per_step": span_us / steps, "launches_per_step": len(events) / steps,
             "kernels": [{"name": n, "us": round(us, 2), "count": c} for n, us, c in kernels]}
 
 

@@ -532,7 +532,7 @@ class Scheduler:
         reserved = self._reserved_tokens()
         started: list[PrefillChunk] = []
         deferred = 0
-        for seq, _, _ in self._admission_order():
+        for seq in self._admission_order():
             if budget <= 0 or not self._has_room(plan) or seq.on_trial:
                 break   # one on trial starts in a step of its own
             limit = self._config.max_batch_total_tokens
@@ -561,9 +561,8 @@ class Scheduler:
             self._steps_since_admission = 0
             self._leave_queue({id(chunk.seq) for chunk in started})
 
-    def _admission_order(self) -> list[tuple[Sequence, int, bool]]:
-        """(request, prompt tokens it has left to compute, goes first) for the waiting
-        requests in the order `_admit` considers them.
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting requests in the order `_admit` considers them.
 
         fcfs: the queue's order. shortest-prefill: of the first ADMISSION_WINDOW requests,
         those that go first (preempted ones, those on trial after a failed step, and those
@@ -571,18 +570,16 @@ class Scheduler:
         by tokens left after the prefix the cache holds for them (an estimate from the
         prompt's block hashes), ties in queue order; then the rest of the queue in order."""
         if self._config.scheduling_policy == "fcfs":
-            return [(seq, len(seq.token_ids), True) for seq in self._waiting]
-        window = list(itertools.islice(self._waiting, ADMISSION_WINDOW))
+            return list(self._waiting)
         patience = self._config.max_waiting_tokens
-        ranked = []
-        for position, seq in enumerate(window):
-            first = seq.num_generated > 0 or seq.on_trial or seq.passed_over >= patience
-            left = len(seq.token_ids) - self._cached_estimate(seq)
-            ranked.append((not first, 0 if first else left, position, seq, left, first))
+        ranked = []   # (group: 0 goes first, tokens left, queue position, request)
+        for position, seq in enumerate(itertools.islice(self._waiting, ADMISSION_WINDOW)):
+            if seq.num_generated > 0 or seq.on_trial or seq.passed_over >= patience:
+                ranked.append((0, 0, position, seq))
+            else:
+                ranked.append((1, len(seq.token_ids) - self._cached_estimate(seq), position, seq))
         ranked.sort(key=lambda entry: entry[:3])
-        rest = itertools.islice(self._waiting, ADMISSION_WINDOW, None)
-        return ([(seq, left, first) for *_, seq, left, first in ranked]
-                + [(seq, len(seq.token_ids), False) for seq in rest])
+        return [seq for *_, seq in ranked] + list(itertools.islice(self._waiting, ADMISSION_WINDOW, None))
 
     def _cached_estimate(self, seq: Sequence) -> int:
         """Prompt tokens the prefix cache holds for waiting `seq`, as far as its blocks'
@@ -599,7 +596,7 @@ class Scheduler:
         """Take the started requests out of the queue; those still waiting ahead of the last
         one started were passed over once more."""
         last = max(i for i, seq in enumerate(self._waiting) if id(seq) in started)
-        for i, seq in enumerate(itertools.islice(self._waiting, last)):
+        for seq in itertools.islice(self._waiting, last):
             if id(seq) not in started:
                 seq.passed_over += 1
         self._waiting = deque(seq for seq in self._waiting if id(seq) not in started)

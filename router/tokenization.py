@@ -6,7 +6,7 @@ the tokenizer adds it by default), so that the server sees the ids transformers'
 worker thread so that the event loop keeps streaming tokens meanwhile, one prompt per
 call: a burst's first prompts are admitted while the later ones encode (measured on an
 H100 box, encoding every waiting prompt in one `tokenizer(texts)` call made each wait for
-the whole burst: 250 ms from arrival to admission against 86). Short prompts are encoded
+the whole burst: 250 ms from arrival to admission against 91). Short prompts are encoded
 inline, where a thread hop would cost more than the encode.
 
 Special tokens written in the text ("</s>", "<|im_end|>") are parsed as those tokens by

@@ -91,7 +91,7 @@ def test_a_preempted_request_goes_first():
     preempted = plan.preempted[-1]
     scheduler.add(seq(9, 2))                     # shorter than the preempted one's tokens
     run(scheduler, plan)
-    order = [seq_.request_id for seq_, _, _ in scheduler._admission_order()]
+    order = [seq_.request_id for seq_ in scheduler._admission_order()]
     assert order[0] == preempted.request_id
     blocks.check_invariants()
 
@@ -101,7 +101,7 @@ def test_only_a_window_of_the_queue_is_ordered(monkeypatch):
     scheduler, _ = make(max_batch_prefill_tokens=64)
     for request_id, length in ((1, 9), (2, 8), (3, 2)):
         scheduler.add(seq(request_id, length))
-    order = [s.request_id for s, _, _ in scheduler._admission_order()]
+    order = [s.request_id for s in scheduler._admission_order()]
     assert order == [2, 1, 3]
 
 
