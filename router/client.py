@@ -6,6 +6,10 @@ the one returned. A call fails as a whole, with a `ShardError` naming the first 
 failed and its gRPC status, as soon as any shard fails: the others are not waited for, since
 a shard whose peer died would otherwise block in a collective until the deadline.
 
+Prefill and Decode send at once, when called, not when awaited: the engine hands the last
+step's tokens to their streams (hundreds of task wake-ups) after the next step is on its way,
+so the shards never wait for the streaming.
+
 Every call carries the caller's trace context (W3C `traceparent`) in its metadata when
 there is one, so each shard's span of the call is a child of the router's span.
 """
@@ -115,20 +119,22 @@ class ShardClient:
 
     # ------------------------------------------------------------------ batch calls
 
-    async def prefill(self, batch: generate_pb2.Batch,
-                      cached_batch: generate_pb2.CachedBatch | None = None,
-                      block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-                      run_ahead: bool = False) -> generate_pb2.PrefillResponse:
+    def prefill(self, batch: generate_pb2.Batch,
+                cached_batch: generate_pb2.CachedBatch | None = None,
+                block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
+                run_ahead: bool = False) -> Awaitable[generate_pb2.PrefillResponse]:
+        """Send the step now; await the result for rank 0's answer."""
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
                                               block_extensions=block_extensions, run_ahead=run_ahead)
-        return (await self._broadcast("Prefill", request, self._step_timeout_s))[0]
+        return _first(self._broadcast("Prefill", request, self._step_timeout_s))
 
-    async def decode(self, batches: Sequence[generate_pb2.CachedBatch],
-                     block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-                     run_ahead: bool = False) -> generate_pb2.DecodeResponse:
+    def decode(self, batches: Sequence[generate_pb2.CachedBatch],
+               block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
+               run_ahead: bool = False) -> Awaitable[generate_pb2.DecodeResponse]:
+        """Send the step now; await the result for rank 0's answer."""
         request = generate_pb2.DecodeRequest(batches=batches, block_extensions=block_extensions,
                                              run_ahead=run_ahead)
-        return (await self._broadcast("Decode", request, self._step_timeout_s))[0]
+        return _first(self._broadcast("Decode", request, self._step_timeout_s))
 
     async def filter_batch(self, batch_id: int, request_ids: Sequence[int]
                            ) -> generate_pb2.CachedBatch:
@@ -143,31 +149,51 @@ class ShardClient:
 
     async def _call(self, rank: int, method: str, request: object, timeout_s: float,
                     wait_for_ready: bool = False) -> _Response:
+        return await self._answer(rank, method,
+                                  self._send(rank, method, request, timeout_s, wait_for_ready))
+
+    def _send(self, rank: int, method: str, request: object, timeout_s: float,
+              wait_for_ready: bool) -> Awaitable[_Response]:
+        """Start the call: grpc.aio queues its invocation on the loop right here."""
         rpc: Callable[..., Awaitable[_Response]] = getattr(self._stubs[rank], method)
-        # The task runs in a copy of the caller's context: the span current at the call.
-        metadata = inject_metadata() or None
+        # The metadata carries the span current at the call.
+        return rpc(request, timeout=timeout_s, wait_for_ready=wait_for_ready,
+                   metadata=inject_metadata() or None)
+
+    @staticmethod
+    async def _answer(rank: int, method: str, call: Awaitable[_Response]) -> _Response:
         try:
-            return await rpc(request, timeout=timeout_s, wait_for_ready=wait_for_ready,
-                             metadata=metadata)
+            return await call
         except grpc.aio.AioRpcError as error:
             raise ShardError(rank, method, error.code(), error.details() or "") from error
 
-    async def _broadcast(self, method: str, request: object, timeout_s: float,
-                         wait_for_ready: bool = False) -> list[_Response]:
-        """Send to all shards; the answers in rank order, or the first ShardError at once."""
-        calls = [asyncio.ensure_future(self._call(rank, method, request, timeout_s,
-                                                  wait_for_ready))
+    def _broadcast(self, method: str, request: object, timeout_s: float,
+                   wait_for_ready: bool = False) -> asyncio.Future[list[_Response]]:
+        """Send to all shards now; the future's result is the answers in rank order, or the
+        first ShardError at once."""
+        calls = [asyncio.ensure_future(self._answer(rank, method, self._send(
+                     rank, method, request, timeout_s, wait_for_ready)))
                  for rank in range(self.num_shard)]
-        try:
-            done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
-            errors = [call.exception() for call in calls if call in done]
-            first_error = next((error for error in errors if error is not None), None)
-            if first_error is not None:
-                raise first_error
-            return [call.result() for call in calls]
-        finally:
-            for call in calls:
-                call.cancel()
+        return asyncio.ensure_future(_first_failure(calls))
+
+
+async def _first_failure(calls: list[asyncio.Future[_Response]]) -> list[_Response]:
+    """The calls' results in order, or the first exception as soon as one call fails (the
+    others are cancelled)."""
+    try:
+        done, _ = await asyncio.wait(calls, return_when=asyncio.FIRST_EXCEPTION)
+        errors = [call.exception() for call in calls if call in done]
+        first_error = next((error for error in errors if error is not None), None)
+        if first_error is not None:
+            raise first_error
+        return [call.result() for call in calls]
+    finally:
+        for call in calls:
+            call.cancel()
+
+
+async def _first(answers: Awaitable[list[_Response]]) -> _Response:
+    return (await answers)[0]
 
 
 async def connect_and_warm_up(uds_path: str, num_shard: int, *, max_batch_prefill_tokens: int,

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,7 +68,9 @@ class RequestHandle:
         self.id = request_id
         self._on_cancel = on_cancel
         self._events: deque[Event] = deque()
-        self._ready = asyncio.Event()
+        # The stream's task waits on this future when it has read every event: one
+        # future per wait is cheaper than an asyncio.Event per token at hundreds of streams.
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._cancelled = False
         self._error: GenerationError | None = None
@@ -84,7 +86,7 @@ class RequestHandle:
             return
         self._cancelled = True
         self._events.clear()
-        self._ready.set()
+        self._wake()
         if not self._closed:
             self._closed = True
             self._on_cancel(self.id)
@@ -101,21 +103,28 @@ class RequestHandle:
                 raise error
             if self._closed:
                 raise StopAsyncIteration
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     # The engine's side.
 
     def _push(self, event: Event) -> None:
         if not self._closed:
             self._events.append(event)
-            self._ready.set()
+            self._wake()
 
     def _close(self, error: GenerationError | None = None) -> None:
         if not self._closed:
             self._closed = True
             self._error = error
-            self._ready.set()
+            self._wake()
 
 
 @dataclass(eq=False)
@@ -153,6 +162,9 @@ class Engine:
         self._request_ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._batch_id: int | None = None  # the shards' cached batch
+        # What the last step answered, for the streams: handed over once the next step is
+        # on its way to the shards (or before anything else touches the requests).
+        self._undelivered: list[generate_pb2.Generation] = []
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -227,6 +239,7 @@ class Engine:
         while True:
             self._apply_cancels()
             if not self._scheduler.has_work:
+                self._deliver_undelivered()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -239,6 +252,7 @@ class Engine:
                 did_work = True
             if not did_work:
                 # Nothing can run until a request arrives, leaves or passes its deadline.
+                self._deliver_undelivered()
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout=0.1)
@@ -255,6 +269,8 @@ class Engine:
         """Plan and run one step; False when there was nothing to send."""
         now = time.monotonic()
         plan = self._scheduler.schedule(now)
+        if plan.failed or plan.preempted or plan.is_empty:
+            self._deliver_undelivered()  # before those requests close or start over
         for seq, reason in plan.failed:
             self._close(seq.request_id, _failure(seq, reason, now))
         for seq in plan.preempted:
@@ -278,9 +294,10 @@ class Engine:
             self._scheduler.complete(plan, tokens, finished,
                                      list(batch.request_ids) if batch is not None else [])
         except (ShardError, BatchMismatchError) as error:
+            self._deliver_undelivered()
             await self._abort_step(plan, error)
             return True
-        self._dispatch(generations)
+        self._undelivered = generations
         return True
 
     async def _filter_running_batch(self, plan: StepPlan) -> None:
@@ -315,15 +332,18 @@ class Engine:
         started = time.perf_counter()
         with step_span(method, lambda: self._riders(plan.decoding, plan.chunks),
                        lambda: _step_attributes(plan)) as span:
+            answer: Awaitable[generate_pb2.PrefillResponse | generate_pb2.DecodeResponse]
             if plan.chunks:
                 batch = generate_pb2.Batch(id=next(self._batch_ids),
                                            requests=[self._request_proto(c) for c in plan.chunks])
                 span.set_attribute(engine_spans.BATCH_ID, batch.id)
-                response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse = (
-                    await self._client.prefill(batch, cached, extensions, run_ahead))
+                answer = self._client.prefill(batch, cached, extensions, run_ahead)
             else:
                 assert cached is not None
-                response = await self._client.decode([cached], extensions, run_ahead)
+                answer = self._client.decode([cached], extensions, run_ahead)
+            # The step is on its way: the streams get the last step's tokens while it runs.
+            self._deliver_undelivered()
+            response = await answer
             if span.is_recording():
                 span.set_attributes({engine_spans.FORWARD_NS: response.timings.forward_ns,
                                      engine_spans.STEP_NS: response.timings.total_ns})
@@ -423,6 +443,7 @@ class Engine:
             logger.warning("could not clear the shards' cache: %s", error)
 
     async def _fail_everything(self, reason: str) -> None:
+        self._deliver_undelivered()
         for seq in self._scheduler.remove_all():
             self._close(seq.request_id, GenerationError(reason))
         # The shards may hold a batch the router no longer knows.
@@ -431,7 +452,9 @@ class Engine:
 
     # ------------------------------------------------------------------ results to streams
 
-    def _dispatch(self, generations: list[generate_pb2.Generation]) -> None:
+    def _deliver_undelivered(self) -> None:
+        """Push the last step's results into the handles (each wakes its stream's task)."""
+        generations, self._undelivered = self._undelivered, []
         for generation in generations:
             entry = self._entries.get(generation.request_id)
             if entry is not None:

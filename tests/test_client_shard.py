@@ -65,6 +65,23 @@ def test_a_step_goes_to_every_shard_and_rank_0_answers(tmp_path):
     run_with_shards(tmp_path, shards, body)
 
 
+def test_a_step_is_sent_when_called_not_when_awaited(tmp_path):
+    """The engine hands the last step's tokens to their streams between sending a step and
+    awaiting it: the shards must already have the step by then."""
+    shards = [FakeShard(8), FakeShard(8, rank=1)]
+
+    async def body(client: ShardClient, served: FakeShards) -> None:
+        answer = client.prefill(prefill_request())
+        for _ in range(500):
+            if all(s.stats.prefill_calls == 1 for s in shards):
+                break
+            await asyncio.sleep(0.01)
+        assert [s.stats.prefill_calls for s in shards] == [1, 1]
+        response = await answer
+        assert [g.request_id for g in response.generations] == [1]
+    run_with_shards(tmp_path, shards, body)
+
+
 def test_a_failing_shard_is_named_with_its_grpc_status(tmp_path):
     shards = [FakeShard(8), RejectingShard(8, rank=1)]
 

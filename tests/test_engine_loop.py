@@ -286,7 +286,9 @@ def test_a_dead_shard_fails_requests_at_once_even_when_another_hangs(tmp_path):
             served.shards.shards[0].hang = True      # blocked in a collective with rank 1 ...
             await served.shards.stop_rank(1)         # ... which died
             started = time.monotonic()
-            with pytest.raises(GenerationError, match="shard 1 failed .*UNAVAILABLE"):
+            # The step in flight when rank 1 stopped is cancelled by its server; one sent
+            # after finds nobody listening.
+            with pytest.raises(GenerationError, match="shard 1 failed .*(UNAVAILABLE|CANCELLED)"):
                 [event async for event in handle]
             assert time.monotonic() - started < 5
             served.shards.shards[0].hang = False
