@@ -23,7 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
     PORT=3000
 COPY --from=build /wheels /wheels
 # torch is already in the base image and satisfies the package's torch>=2.4.
-RUN pip install --no-cache-dir /wheels/*.whl uvloop==0.23.0 \
+RUN pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels
 VOLUME /data
 EXPOSE 3000
