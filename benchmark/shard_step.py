@@ -92,23 +92,24 @@ class Shapes:
     kv_heads: int
     head_dim: int
     element_size: int
+    kv_element_size: int    # 1 with --kv-cache-dtype fp8
     embedding_params: int
     lm_head_params: int
     linear_params: int      # every other weight (the layers' matmuls and norms)
 
     @classmethod
-    def of(cls, model: CausalLM) -> Shapes:
+    def of(cls, model: CausalLM, kv_element_size: int | None = None) -> Shapes:
         embed = model.model.embed_tokens.weight
         head = model.lm_head.weight
         total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
         tied = head.data_ptr() == embed.data_ptr()
         config = model.config
         return cls(model.num_layers, config.num_attention_heads, model.num_kv_heads, model.head_dim,
-                   embed.element_size(), embed.numel(), head.numel(),
+                   embed.element_size(), kv_element_size or embed.element_size(), embed.numel(), head.numel(),
                    total - embed.numel() - (0 if tied else head.numel()))
 
     def kv_bytes_per_token(self) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * self.element_size
+        return self.layers * 2 * self.kv_heads * self.head_dim * self.kv_element_size
 
     def decode_floor_s(self, batch: int, context: float, bandwidth: float) -> float:
         weights = (self.linear_params + self.lm_head_params) * self.element_size
@@ -245,7 +246,8 @@ def build_runner(args: argparse.Namespace, backend: str, graphs: bool, num_block
     runner = ModelRunner(model, ModelFacts.read(args.model, model),
                          MemoryPolicy(BLOCK_SIZE, 0, num_blocks, args.memory_fraction),
                          device=device, dtype=dtype, graphs=GraphPolicy(graphs, max(max_batch, 1)),
-                         run_ahead=not args.no_run_ahead)
+                         run_ahead=not args.no_run_ahead,
+                         kv_cache_dtype=torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else None)
     runner.warmup(pb.WarmupRequest(max_batch_prefill_tokens=args.max_prefill_tokens,
                                    max_batch_size=max_batch, max_total_tokens=max_total))
     return runner
@@ -548,6 +550,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-run-ahead", action="store_true",
                         help="Decode one step per call (the shard launches nothing ahead).")
     parser.add_argument("--memory-fraction", type=float, default=0.9)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                        help="The KV cache's storage (fp8: e4m3, the floors count 1 byte per element).")
     parser.add_argument("--check-tokens", type=int, default=0,
                         help="Instead: compare N greedy tokens of Triton+graphs with the torch path.")
     parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -591,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in args.batch_sizes.split(",")]
         max_total = args.context + 2 * args.decode_steps + args.warmup_steps + 16
         runner = build_runner(args, args.kernel_backend, not args.no_cuda_graphs, None, max(batches), max_total)
-        shapes = Shapes.of(runner.model)
+        shapes = Shapes.of(runner.model, runner.spec.dtype.itemsize)
         driver = Driver(runner, runner.cache.num_blocks if runner.cache else 0)
         rows = [bench_batch(driver, shapes, b, args, hw) for b in batches]
         print_table(rows)

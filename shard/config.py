@@ -14,6 +14,7 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _KERNEL_BACKENDS = ("auto", "triton", "torch")
+KV_CACHE_DTYPES = ("auto", "fp8")
 _DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
@@ -47,6 +48,7 @@ class ShardConfig:
     cuda_graph_max_batch_size: int = 256
     cuda_graph_max_prefill_tokens: int = 2048
     run_ahead: bool = False             # launch the next decode before answering (generate.proto)
+    kv_cache_dtype: str = "auto"        # "auto": the model's dtype | "fp8": float8 e4m3, unscaled
 
     @property
     def socket_path(self) -> str:
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-ahead", default=None, action=argparse.BooleanOptionalAction,
                         help="Launch the next decode step before answering the router's call, when "
                              "it asks (default: on for CUDA, where it hides the host's work).")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="What the KV cache stores: auto (the model's dtype) or fp8 (float8 "
+                             "e4m3, unscaled: half the bytes per token, values saturate at +-448).")
     parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
     parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
     # Forwarded by the launcher with its router flags; accepted so that the command line
@@ -164,6 +169,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         run_ahead=device_type == "cuda" if args.run_ahead is None else args.run_ahead,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -54,7 +54,8 @@ def build_runner(config: ShardConfig) -> ModelRunner:
     graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size,
                          config.cuda_graph_max_prefill_tokens)
     return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank,
-                       graphs=graphs, run_ahead=config.run_ahead)
+                       graphs=graphs, run_ahead=config.run_ahead,
+                       kv_cache_dtype=torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else None)
 
 
 async def run(config: ShardConfig, faults: FaultInjection | None = None) -> None:

@@ -128,19 +128,22 @@ class ModelRunner:
     """One shard's model and state. Not thread-safe: call one method at a time.
 
     `graphs` says whether Warmup captures decode CUDA graphs; None picks the default
-    (GraphPolicy.default_for: on for one CUDA rank with graph-safe ops).
+    (GraphPolicy.default_for: on for one CUDA rank with graph-safe ops). `kv_cache_dtype`
+    is what the KV cache stores (None: the model's `dtype`; float8_e4m3fn halves it).
     """
 
     def __init__(self, model: CausalLM, facts: ModelFacts, memory: MemoryPolicy, *,
                  device: torch.device, dtype: torch.dtype, rank: int = 0,
-                 graphs: GraphPolicy | None = None, run_ahead: bool | None = None) -> None:
+                 graphs: GraphPolicy | None = None, run_ahead: bool | None = None,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.dtype = dtype
         self.facts = facts
         self.memory = memory
         self.device = device
         self.rank = rank
         self.spec = KVCacheSpec(model.num_layers, memory.block_size, model.num_kv_heads,
-                                model.head_dim, dtype)
+                                model.head_dim, kv_cache_dtype or dtype)
         self.cache: PagedKVCache | None = None
         self.batches: dict[int, DecodeBatch] = {}
         self.eos_token_ids = frozenset(facts.eos_token_ids)
@@ -191,8 +194,9 @@ class ModelRunner:
                 f"{request.max_total_tokens} needs: lower max_total_tokens or give the shard "
                 f"more memory")
         self.cache = PagedKVCache(self.spec, num_blocks, self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks,
-                    self.spec.block_size, self.cache.nbytes / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB of %s)", num_blocks,
+                    self.spec.block_size, self.cache.nbytes / 2**20,
+                    str(self.spec.dtype).removeprefix("torch."))
         if self.graph_policy.enabled:
             table_width = required_blocks(request.max_total_tokens, self.spec.block_size)
             pool = torch.cuda.graph_pool_handle()

@@ -70,7 +70,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         facts, config = self._runner.facts, self._config
         return generate_pb2.InfoResponse(
             model_id=config.model_id, architecture=facts.architecture,
-            dtype=str(self._runner.spec.dtype).removeprefix("torch."),
+            dtype=str(self._runner.dtype).removeprefix("torch."),
             device_type=self._runner.device.type, block_size=self._runner.spec.block_size,
             world_size=config.world_size, rank=config.rank, vocab_size=facts.vocab_size,
             max_position_embeddings=facts.max_positions, eos_token_ids=facts.eos_token_ids,

@@ -320,7 +320,7 @@ def test_rejects_bad_arguments() -> None:
     cases = [
         (dict(block_tables=step.block_tables.long()), "block_tables must be torch.int32"),
         (dict(seq_lens=step.seq_lens[:1]), "batch mismatch"),
-        (dict(q=step.q.half()), "share a dtype"),
+        (dict(q=step.q.half()), "must both be q's dtype or float8_e4m3fn"),
         (dict(q=step.q[:, :3]), "multiple of KV heads"),
         (dict(v_cache=step.v_cache[:-1]), "differs from k_cache"),
         (dict(k_cache=step.k_cache.transpose(0, 1).contiguous().transpose(0, 1)), "k_cache must be contiguous"),

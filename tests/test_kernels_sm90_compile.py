@@ -49,12 +49,14 @@ def _capture_launches() -> list[dict[str, Any]]:
     tag = ""
 
     def paged(
-        q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, q_lens: list[int], window: int, parts: int = 0
+        q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, q_lens: list[int], window: int, parts: int = 0,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         nonlocal tag
-        tag = f"attention D={head_dim} {dtype} q_lens={q_lens} window={window} partitions={parts or 'auto'}"
+        tag = (f"attention D={head_dim} {dtype} q_lens={q_lens} window={window} partitions={parts or 'auto'}"
+               f" cache={cache_dtype or dtype}")
         q = torch.zeros(sum(q_lens), q_heads, head_dim, dtype=dtype)
-        cache = torch.zeros(64, 16, kv_heads, head_dim, dtype=dtype)
+        cache = torch.zeros(64, 16, kv_heads, head_dim, dtype=cache_dtype or dtype)
         tables = torch.zeros(len(q_lens), 32, dtype=torch.int32)
         seq_lens = torch.full((len(q_lens),), 400, dtype=torch.int32)
         cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -69,7 +71,7 @@ def _capture_launches() -> list[dict[str, Any]]:
         for launch in launches[start:]:
             launch.setdefault("tag", tag)
 
-    bf16 = torch.bfloat16
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     for call in (
         lambda: paged(32, 8, 128, bf16, [1], 0, parts=8),  # split decode: partitions + reduce
         lambda: paged(32, 8, 128, bf16, [1] * 64, 512),  # one partition per sequence
@@ -80,6 +82,9 @@ def _capture_launches() -> list[dict[str, Any]]:
         lambda: paged(8, 1, 256, bf16, [100], 0),
         lambda: paged(8, 2, 256, torch.float32, [1], 0),
         lambda: paged(8, 2, 256, torch.float32, [100], 0),
+        lambda: paged(32, 8, 128, bf16, [1] * 64, 0, cache_dtype=fp8),  # --kv-cache-dtype fp8
+        lambda: paged(32, 8, 128, bf16, [1], 0, parts=8, cache_dtype=fp8),
+        lambda: paged(32, 8, 128, bf16, [300, 1, 7], 0, cache_dtype=fp8),
     ):
         start = len(launches)
         call()
@@ -111,6 +116,17 @@ def _capture_launches() -> list[dict[str, Any]]:
             torch.zeros(4, 16, 8, 128, dtype=bf16), torch.zeros(4, 16, 8, 128, dtype=bf16),
             torch.arange(tokens, dtype=torch.int64),
         )),
+        ("write_kv fp8", lambda: kv_cache.write_kv(
+            torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
+            torch.zeros(4, 16, 8, 128, dtype=fp8), torch.zeros(4, 16, 8, 128, dtype=fp8),
+            torch.arange(tokens, dtype=torch.int64),
+        )),
+        ("rotary_and_write_kv fp8", lambda: rotary.rotary_and_write_kv(
+            torch.zeros(tokens, 32, 128, dtype=bf16), torch.zeros(tokens, 8, 128, dtype=bf16),
+            torch.zeros(tokens, 8, 128, dtype=bf16), torch.zeros(tokens, 64), torch.zeros(tokens, 64),
+            torch.zeros(4, 16, 8, 128, dtype=fp8), torch.zeros(4, 16, 8, 128, dtype=fp8),
+            torch.arange(tokens, dtype=torch.int64),
+        )),
     ):
         start = len(launches)
         tagged(name)
@@ -137,7 +153,7 @@ def _compile(launch: dict[str, Any]) -> dict[str, Any]:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                     torch.int32: "i32", torch.int64: "i64"}[value.dtype]
+                     torch.float8_e4m3fn: "fp8e4nv", torch.int32: "i32", torch.int64: "i64"}[value.dtype]
             signature[name] = "*" + dtype
             if value.data_ptr() % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]

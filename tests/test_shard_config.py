@@ -17,6 +17,8 @@ def test_defaults_resolve_for_cpu() -> None:
     assert (config.rank, config.world_size, config.master_addr, config.master_port) == (
         0, 1, "127.0.0.1", 29500)
     assert config.address == "unix:///tmp/sg-0"
+    assert config.kv_cache_dtype == "auto"
+    assert parse_config(BASE + ["--kv-cache-dtype", "fp8"], {}, cuda_available=False).kv_cache_dtype == "fp8"
 
 
 def test_auto_picks_cuda_and_bfloat16_when_a_gpu_is_there() -> None:

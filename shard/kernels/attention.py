@@ -9,6 +9,7 @@ Semantics (identical to the torch reference in shard/layers/attention.py)
   at position seq_lens[b] - q_len_b + i and attends to positions 0..that one, or only the
   last `sliding_window` of them when sliding_window > 0. Query head h reads KV head
   h // (Hq / Hkv). Softmax and accumulation in fp32; output [T, Hq, D] in q's dtype.
+  The caches hold q's dtype or fp8 e4m3; fp8 keys and values are read as q's dtype.
 
   Beyond the reference: a row that sees no key at all (a padding sequence with
   seq_len 0) comes out as zeros rather than NaN.
@@ -35,6 +36,7 @@ import torch
 from shardgen.shard.kernels.attention_decode import DecodeConfig, launch_decode
 from shardgen.shard.kernels.attention_prefill import PrefillConfig, launch_prefill
 from shardgen.shard.kernels.checks import (
+    FP8_KV_DTYPE,
     check_contiguous,
     check_dims,
     check_float,
@@ -101,8 +103,9 @@ def _check_attention_args(
     )
     check_float("q", q)
     require(
-        k_cache.dtype == q.dtype and v_cache.dtype == q.dtype,
-        f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}",
+        k_cache.dtype == v_cache.dtype and k_cache.dtype in (q.dtype, FP8_KV_DTYPE),
+        f"k_cache and v_cache must both be q's dtype or float8_e4m3fn, got q {q.dtype}, "
+        f"k_cache {k_cache.dtype}, v_cache {v_cache.dtype}",
     )
     check_last_dim_contiguous("q", q)
     check_contiguous("k_cache", k_cache)

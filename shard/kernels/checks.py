@@ -15,6 +15,9 @@ import torch
 import triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A KV cache holds the model's dtype, or fp8 e4m3 (stored unscaled, read back as q's dtype).
+FP8_KV_DTYPE = torch.float8_e4m3fn
+KV_CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV_DTYPE)
 
 
 def require(condition: bool, message: str) -> None:
@@ -28,6 +31,14 @@ def check_float(name: str, tensor: torch.Tensor) -> None:
     require(
         tensor.dtype in FLOAT_DTYPES,
         f"{name} must be float16, bfloat16 or float32, got {tensor.dtype}",
+    )
+
+
+def check_kv_cache_dtype(name: str, tensor: torch.Tensor) -> None:
+    """A cache is fp16, bf16, fp32 or fp8 e4m3."""
+    require(
+        tensor.dtype in KV_CACHE_DTYPES,
+        f"{name} must be float16, bfloat16, float32 or float8_e4m3fn, got {tensor.dtype}",
     )
 
 

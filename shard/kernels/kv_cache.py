@@ -7,7 +7,8 @@ Algorithm
   k_cache/v_cache viewed as [num_blocks * block_size, Hkv, D] at row `slot`
   (slot = block * block_size + offset). Source rows may be strided views (k and v sliced
   out of a fused QKV projection); each row's D elements must be contiguous, so every
-  program does 16-byte vector loads and stores. Values are cast to the cache's dtype.
+  program does 16-byte vector loads and stores. Values are cast to the cache's dtype; an
+  fp8 e4m3 cache stores them unscaled, saturated to +-448 (`to_cache_dtype`).
 
 Memory floor (bytes): 2 * T * Hkv * D * (e_in + e_cache) + 8 * T  (read k, v; write both;
 read the slots). There is no arithmetic: this kernel only moves bytes.
@@ -24,11 +25,23 @@ from shardgen.shard.kernels.checks import (
     check_dims,
     check_float,
     check_index_dtype,
+    check_kv_cache_dtype,
     check_last_dim_contiguous,
     check_same_device,
     next_power_of_2,
     require,
 )
+
+
+FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # the largest finite float8_e4m3fn
+
+
+@triton.jit
+def to_cache_dtype(x, cache_ptr):
+    """x cast to the cache's element type; into fp8 e4m3, saturated first (as torch's cast)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -56,9 +69,9 @@ def _write_kv_kernel(
     mask = (heads < NUM_KV_HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
     cache_offsets = slot * (NUM_KV_HEADS * HEAD_DIM) + heads[:, None] * HEAD_DIM + dims[None, :]
     key = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
-    tl.store(k_cache_ptr + cache_offsets, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, to_cache_dtype(key, k_cache_ptr), mask=mask)
     value = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, to_cache_dtype(value, v_cache_ptr), mask=mask)
 
 
 def write_kv(
@@ -111,8 +124,10 @@ def check_write_kv_args(
         tuple(key.shape[1:]) == tuple(k_cache.shape[2:]),
         f"key rows [Hkv, D] = {list(key.shape[1:])} do not match the cache's {list(k_cache.shape[2:])}",
     )
-    for name, tensor in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_float(name, tensor)
+    check_float("key", key)
+    check_float("value", value)
+    check_kv_cache_dtype("k_cache", k_cache)
+    check_kv_cache_dtype("v_cache", v_cache)
     check_last_dim_contiguous("key", key)
     check_last_dim_contiguous("value", value)
     check_contiguous("k_cache", k_cache)

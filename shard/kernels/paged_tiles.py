@@ -52,9 +52,11 @@ def online_softmax_step(
 ):
     """Folds one K/V tile into the running (max, sum, weighted values) of each query row.
 
-    q [M, D], k/v [N, D], scores_mask [M, N] (True = attend; ignored unless MASKED);
-    m_i, l_i [M]; acc [M, D] fp32.
+    q [M, D], k/v [N, D] (in q's dtype, or fp8 read as it), scores_mask [M, N] (True =
+    attend; ignored unless MASKED); m_i, l_i [M]; acc [M, D] fp32.
     """
+    k = k.to(q.dtype)
+    v = v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         scores = tl.where(scores_mask, scores, float("-inf"))

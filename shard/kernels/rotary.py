@@ -40,7 +40,7 @@ from shardgen.shard.kernels.checks import (
     next_power_of_2,
     require,
 )
-from shardgen.shard.kernels.kv_cache import check_write_kv_args
+from shardgen.shard.kernels.kv_cache import check_write_kv_args, to_cache_dtype
 
 
 @triton.jit
@@ -147,16 +147,16 @@ def _rotary_write_kv_kernel(
     half_dims = tl.arange(0, BLOCK_HALF)[None, :]
     half_mask = head_ok & (half_dims < HALF)
     k_first = k_cache_ptr + cache_rows + half_dims
-    tl.store(k_first, key1.to(k_cache_ptr.dtype.element_ty), mask=half_mask)
-    tl.store(k_first + HALF, key2.to(k_cache_ptr.dtype.element_ty), mask=half_mask)
+    tl.store(k_first, to_cache_dtype(key1, k_cache_ptr), mask=half_mask)
+    tl.store(k_first + HALF, to_cache_dtype(key2, k_cache_ptr), mask=half_mask)
     dims = tl.arange(0, BLOCK_D)[None, :]
     row_mask = head_ok & (dims < HEAD_DIM)
     if 2 * HALF < HEAD_DIM:  # partial rotary: the key's last D - R dims go to the cache unrotated
         tail_mask = row_mask & (dims >= 2 * HALF)
         key_tail = tl.load(k_row + heads[:, None] * stride_kh + dims, mask=tail_mask)
-        tl.store(k_cache_ptr + cache_rows + dims, key_tail.to(k_cache_ptr.dtype.element_ty), mask=tail_mask)
+        tl.store(k_cache_ptr + cache_rows + dims, to_cache_dtype(key_tail, k_cache_ptr), mask=tail_mask)
     value = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims, mask=row_mask)
-    tl.store(v_cache_ptr + cache_rows + dims, value.to(v_cache_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(v_cache_ptr + cache_rows + dims, to_cache_dtype(value, v_cache_ptr), mask=row_mask)
 
 
 def apply_rotary(

@@ -7,7 +7,9 @@ position seq_lens[b] - q_len_b + i and attends causally to positions 0 .. that o
 to the last `sliding_window` of them).
 
 Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
-slot s = block * block_size + offset. The functions here are the CPU production path and
+slot s = block * block_size + offset. A cache holds the model's dtype or fp8 e4m3
+(`--kv-cache-dtype fp8`): keys and values are stored unscaled, saturated to +-448, and
+read back as q's dtype. The functions here are the CPU production path and
 the oracle the Triton kernels are tested against.
 """
 
@@ -82,10 +84,13 @@ def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Stores key/value [T, Hkv, D] of the new tokens at their slots of the caches."""
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat.index_copy_(0, slot_mapping, key.to(k_flat.dtype))
-    v_flat.index_copy_(0, slot_mapping, value.to(v_flat.dtype))
+    for rows, cache in ((key, k_cache), (value, v_cache)):
+        flat = cache.view(-1, *cache.shape[2:])
+        rows = rows.to(flat.dtype)
+        if flat.dtype == torch.float8_e4m3fn:
+            # index_copy_ has no fp8 kernel on CPU; the bytes are what is copied anyway.
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slot_mapping, rows)
 
 
 def paged_attention(
@@ -119,7 +124,7 @@ def paged_attention(
         )
     for b, q_len in enumerate(q_lens):
         if q_len > 1:
-            k, v = _gather_sequence(k_cache, v_cache, block_tables[b], lens[b])
+            k, v = (_as_query_dtype(t, q) for t in _gather_sequence(k_cache, v_cache, block_tables[b], lens[b]))
             q_pos = torch.arange(lens[b] - q_len, lens[b], device=q.device)
             mask = _visible(q_pos[:, None], torch.arange(lens[b], device=q.device)[None, :], sliding_window)
             out[starts[b]:starts[b + 1]] = _sdpa(q[starts[b]:starts[b + 1]], k, v, mask, scale)
@@ -132,6 +137,11 @@ def _gather_sequence(
     """The first seq_len keys and values [seq_len, Hkv, D] of one sequence, in position order."""
     used = blocks[: -(-seq_len // k_cache.shape[1])].long()
     return k_cache[used].flatten(0, 1)[:seq_len], v_cache[used].flatten(0, 1)[:seq_len]
+
+
+def _as_query_dtype(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Keys or values gathered from the cache, in q's dtype (an fp8 cache's are converted)."""
+    return kv.to(q.dtype)
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
@@ -161,8 +171,8 @@ def _attend_decodes(
     block_size = k_cache.shape[1]
     num_blocks = -(-int(seq_lens.max()) // block_size)
     used = block_tables[:, :num_blocks].long()
-    k = k_cache[used].flatten(1, 2)  # [B, num_blocks * block_size, Hkv, D]
-    v = v_cache[used].flatten(1, 2)
+    k = _as_query_dtype(k_cache[used].flatten(1, 2), q)  # [B, num_blocks * block_size, Hkv, D]
+    v = _as_query_dtype(v_cache[used].flatten(1, 2), q)
     k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
     q_pos = (seq_lens.long() - 1)[:, None]
     mask = _visible(q_pos, k_pos, sliding_window)  # [B, K]; causal, so never past seq_len
