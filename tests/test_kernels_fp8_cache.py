@@ -1,6 +1,7 @@
-"""An fp8 e4m3 KV cache (`--kv-cache-dtype fp8`): the Triton writes store what torch's cast
-stores, and the Triton attention reads the fp8 keys and values exactly (checked against
-the float64 oracle on the same fp8 values), as does the torch path the CPU runs.
+"""An fp8 e4m3 KV cache (`--kv-cache-dtype fp8`): the Triton writes store what the torch
+path stores (saturated at +-448), and the Triton attention reads the fp8 keys and values
+exactly (checked against the float64 oracle on the same fp8 values), as does the torch
+path the CPU runs.
 
 Runs in the Triton interpreter on CPU or on a CUDA GPU, like test_kernels_attention.py.
 """
@@ -117,8 +118,8 @@ def check_rotary_and_write_kv(representable: bool) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_into_fp8_stores_torchs_cast(dtype: torch.dtype) -> None:
-    """Saturated at +-448 like torch's cast; padding slots (-1) left alone."""
+def test_write_kv_into_fp8_stores_what_the_torch_path_does(dtype: torch.dtype) -> None:
+    """Saturated at +-448; padding slots (-1) left alone."""
     check_write_kv(dtype, representable=True)
 
 
@@ -129,7 +130,7 @@ def test_rotary_and_write_kv_into_fp8_stores_the_rotated_keys_cast() -> None:
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_writes_round_as_torch_does_on_the_gpu(dtype: torch.dtype) -> None:
+def test_fp8_writes_round_as_the_torch_path_does_on_the_gpu(dtype: torch.dtype) -> None:
     check_write_kv(dtype, representable=False)
     check_rotary_and_write_kv(representable=False)
 

@@ -60,7 +60,7 @@ def _capture_launches() -> list[dict[str, Any]]:
         tables = torch.zeros(len(q_lens), 32, dtype=torch.int32)
         seq_lens = torch.full((len(q_lens),), 400, dtype=torch.int32)
         cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-        decode = dataclasses.replace(default_decode_config(head_dim, dtype), num_partitions=parts or None)
+        decode = dataclasses.replace(default_decode_config(head_dim, cache.dtype), num_partitions=parts or None)
         attention.paged_attention(q, cache, cache, tables, seq_lens, cu, max(q_lens), 0.1, window, decode_config=decode)
 
     def tagged(name: str) -> None:

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from shardgen.shard.kernels.checks import check_tile, dot_precision, next_power_of_2
 from shardgen.shard.kernels.paged_tiles import (
+    as_dot_dtype,
     LOG2E,
     NEG_BIG,
     kv_tile_offsets,
@@ -223,6 +224,7 @@ def _prefill_kernel(
     tokens, heads, row_ok = _packed_rows(q_start + first, q_start + q_len, kv_head, QPK, BLOCK_Q, BLOCK_M)
     positions = context + tokens - q_start
     q = tl.load(q_ptr + _row_offsets(tokens, heads, stride_qt, stride_qh, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+    q = as_dot_dtype(q, k_cache_ptr)
 
     # Keys [lo, hi) are visible to some row. Inside them, [bulk_lo, bulk_hi) holds whole
     # tiles visible to every row (at or before the first row's position, inside the last

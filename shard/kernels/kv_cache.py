@@ -38,7 +38,7 @@ FP8_MAX: tl.constexpr = tl.constexpr(448.0)  # the largest finite float8_e4m3fn
 
 @triton.jit
 def to_cache_dtype(x, cache_ptr):
-    """x cast to the cache's element type; into fp8 e4m3, saturated first (as torch's cast)."""
+    """x cast to the cache's element type; into fp8 e4m3, saturated to +-448 first."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
     return x.to(cache_ptr.dtype.element_ty)

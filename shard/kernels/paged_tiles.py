@@ -47,6 +47,17 @@ def kv_tile_offsets(
 
 
 @triton.jit
+def as_dot_dtype(q, k_cache_ptr):
+    """q in the dtype its dots with the keys and values run in. An fp8 cache's rows convert
+    to fp16 in one instruction per pair (to bf16 only through fp32), so a bf16 q over an
+    fp8 cache runs its dots in fp16; the softmax and the sums stay in fp32."""
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv:
+        if q.dtype == tl.bfloat16:
+            q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
 def online_softmax_step(
     q, k, v, scores_mask, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr
 ):

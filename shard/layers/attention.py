@@ -86,11 +86,12 @@ def write_kv(
     """Stores key/value [T, Hkv, D] of the new tokens at their slots of the caches."""
     for rows, cache in ((key, k_cache), (value, v_cache)):
         flat = cache.view(-1, *cache.shape[2:])
-        rows = rows.to(flat.dtype)
         if flat.dtype == torch.float8_e4m3fn:
+            # Saturate first: torch's own cast makes NaN past +-448 in some versions (2.11).
             # index_copy_ has no fp8 kernel on CPU; the bytes are what is copied anyway.
-            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
-        flat.index_copy_(0, slot_mapping, rows)
+            limit = torch.finfo(flat.dtype).max
+            flat, rows = flat.view(torch.uint8), rows.clamp(-limit, limit).to(flat.dtype).view(torch.uint8)
+        flat.index_copy_(0, slot_mapping, rows.to(flat.dtype))
 
 
 def paged_attention(
