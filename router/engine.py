@@ -165,6 +165,7 @@ class Engine:
         # What the last step answered, for the streams: handed over once the next step is
         # on its way to the shards (or before anything else touches the requests).
         self._undelivered: list[generate_pb2.Generation] = []
+        self._answered = time.perf_counter()  # when the last step's answer came (debug log)
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -341,16 +342,20 @@ class Engine:
             else:
                 assert cached is not None
                 answer = self._client.decode([cached], extensions, run_ahead)
-            # The step is on its way: the streams get the last step's tokens while it runs.
+            # One turn of the loop runs the call's invocation task, which sends the step;
+            # then the streams get the last step's tokens while it runs.
+            await asyncio.sleep(0)
             self._deliver_undelivered()
             response = await answer
+            answered = time.perf_counter()
             if span.is_recording():
                 span.set_attributes({engine_spans.FORWARD_NS: response.timings.forward_ns,
                                      engine_spans.STEP_NS: response.timings.total_ns})
         if self._metrics is not None:
             self._observe_step(method, plan, response, started)
         if logger.isEnabledFor(logging.DEBUG):
-            _log_step(method, plan, run_ahead, response, started)
+            _log_step(method, plan, run_ahead, response, started, started - self._answered)
+        self._answered = answered
         return list(response.generations), response.batch if response.HasField("batch") else None
 
     def _note_scheduled(self, chunks: list[PrefillChunk]) -> None:
@@ -540,14 +545,15 @@ def _outcome(generations: list[generate_pb2.Generation]) -> tuple[dict[int, list
 
 def _log_step(method: str, plan: StepPlan, run_ahead: bool,
               response: generate_pb2.PrefillResponse | generate_pb2.DecodeResponse,
-              started: float) -> None:
-    """One debug line per step: what ran, the shard's time and the router's wall time."""
+              started: float, planned_s: float) -> None:
+    """One debug line per step: what ran, the shard's time, the router's wall time from
+    sending to the answer, and its time from the last answer to sending this step."""
     logger.debug("step %s: %d decoding, %d prompt chunk(s) of %d tokens, run ahead %s; "
-                 "shard forward %.2f ms, total %.2f ms; router %.2f ms",
+                 "shard forward %.2f ms, total %.2f ms; router %.2f ms, planned in %.2f ms",
                  method, len(plan.decoding), len(plan.chunks),
                  sum(chunk.length for chunk in plan.chunks), "yes" if run_ahead else "no",
                  response.timings.forward_ns / 1e6, response.timings.total_ns / 1e6,
-                 (time.perf_counter() - started) * 1e3)
+                 (time.perf_counter() - started) * 1e3, planned_s * 1e3)
 
 
 def _step_attributes(plan: StepPlan) -> dict[str, int]:
