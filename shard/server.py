@@ -51,7 +51,9 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
         self._runner = runner
         self._config = config
         self._lock = asyncio.Lock()  # fair: waiters run in arrival order
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-step")
+        # The CUDA device is per thread: the step thread must use this rank's, not cuda:0.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-step",
+                                            initializer=runner.bind_thread)
 
     async def _serial(self, function: Callable[..., T], *args: object) -> T:
         """Run `function` on the step thread, after every call that arrived before, in a

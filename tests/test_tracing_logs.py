@@ -8,6 +8,8 @@ import asyncio
 import io
 import json
 import logging
+import threading
+from types import SimpleNamespace
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +64,7 @@ def test_lines_in_a_span_carry_its_ids(json_logs: Any) -> None:
 
 def test_the_shard_step_thread_logs_in_the_rpcs_span(json_logs: Any) -> None:
     capture_spans()
-    servicer = ShardServicer(runner=None, config=None)  # type: ignore[arg-type]
+    servicer = ShardServicer(runner=SimpleNamespace(bind_thread=lambda: None), config=None)  # type: ignore[arg-type]
     log = logging.getLogger("shardgen.shard.runner")
 
     async def call() -> trace.Span:
@@ -92,3 +94,21 @@ def test_a_finished_request_logs_one_line_in_its_span(json_logs: Any) -> None:
     assert line["trace_id"] == _ids(span)[0]
     assert line["message"] == ("request done in 1.000 s: 7 prompt tokens, 2 generated, "
                                "validated after 0.125 s, first token after 0.250 s")
+
+
+def test_the_step_thread_binds_the_ranks_device_before_any_call() -> None:
+    """CUDA's current device is per thread and Triton launches on it: rank 1's steps failed
+    on cuda:0 ("cannot be accessed from Triton") until the step thread bound cuda:1."""
+    bound: list[threading.Thread] = []
+    servicer = ShardServicer(runner=SimpleNamespace(bind_thread=lambda: bound.append(threading.current_thread())),
+                             config=None)  # type: ignore[arg-type]
+    try:
+        first, second = asyncio.run(_two_calls(servicer))
+    finally:
+        servicer.close()
+    assert bound == [first] and second is first and first is not threading.current_thread()
+
+
+async def _two_calls(servicer: ShardServicer) -> tuple[threading.Thread, threading.Thread]:
+    return (await servicer._serial(threading.current_thread),
+            await servicer._serial(threading.current_thread))
