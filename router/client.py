@@ -126,7 +126,7 @@ class ShardClient:
         """Send the step now; await the result for rank 0's answer."""
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
                                               block_extensions=block_extensions, run_ahead=run_ahead)
-        return _first(self._broadcast("Prefill", request, self._step_timeout_s))
+        return asyncio.ensure_future(_first(self._broadcast("Prefill", request, self._step_timeout_s)))
 
     def decode(self, batches: Sequence[generate_pb2.CachedBatch],
                block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
@@ -134,7 +134,7 @@ class ShardClient:
         """Send the step now; await the result for rank 0's answer."""
         request = generate_pb2.DecodeRequest(batches=batches, block_extensions=block_extensions,
                                              run_ahead=run_ahead)
-        return _first(self._broadcast("Decode", request, self._step_timeout_s))
+        return asyncio.ensure_future(_first(self._broadcast("Decode", request, self._step_timeout_s)))
 
     async def filter_batch(self, batch_id: int, request_ids: Sequence[int]
                            ) -> generate_pb2.CachedBatch:
