@@ -43,7 +43,9 @@ from pathlib import Path
 import torch
 
 from shardgen.proto import generate_pb2 as pb
+from shardgen.shard.config import KV_CACHE_DTYPES
 from shardgen.shard.cuda_graphs import GraphPolicy
+from shardgen.shard.kv_cache import kv_cache_dtype
 from shardgen.shard.models import CausalLM, load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
 
@@ -247,7 +249,7 @@ def build_runner(args: argparse.Namespace, backend: str, graphs: bool, num_block
                          MemoryPolicy(BLOCK_SIZE, 0, num_blocks, args.memory_fraction),
                          device=device, dtype=dtype, graphs=GraphPolicy(graphs, max(max_batch, 1)),
                          run_ahead=not args.no_run_ahead,
-                         kv_cache_dtype=torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else None)
+                         kv_cache_dtype=kv_cache_dtype(args.kv_cache_dtype))
     runner.warmup(pb.WarmupRequest(max_batch_prefill_tokens=args.max_prefill_tokens,
                                    max_batch_size=max_batch, max_total_tokens=max_total))
     return runner
@@ -550,7 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-run-ahead", action="store_true",
                         help="Decode one step per call (the shard launches nothing ahead).")
     parser.add_argument("--memory-fraction", type=float, default=0.9)
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="The KV cache's storage (fp8: e4m3, the floors count 1 byte per element).")
     parser.add_argument("--check-tokens", type=int, default=0,
                         help="Instead: compare N greedy tokens of Triton+graphs with the torch path.")

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from shardgen.router.scheduler import SCHEDULING_POLICIES
+from shardgen.shard.config import KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--cuda-graph-max-batch-size", help="Largest decode batch captured in a graph."),
     ForwardedFlag("--cuda-graph-max-prefill-tokens",
                   help="Largest prefill or mixed step (tokens) replayed from a graph; 0: none."),
-    ForwardedFlag("--kv-cache-dtype", type=str, choices=("auto", "fp8"),
+    ForwardedFlag("--kv-cache-dtype", type=str, choices=KV_CACHE_DTYPES,
                   help="KV cache storage: auto (the model's dtype) or fp8 (e4m3, unscaled: half the bytes)."),
     ForwardedFlag("--run-ahead", is_switch=True,
                   help="Launch each next decode step before answering (default on CUDA)."),

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import torch
 
 
+def kv_cache_dtype(name: str) -> torch.dtype | None:
+    """The dtype `--kv-cache-dtype` names (shard/config.py's KV_CACHE_DTYPES); None for
+    "auto": the model's own."""
+    return torch.float8_e4m3fn if name == "fp8" else None
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     """The shape of one KV block across all layers of this rank."""

@@ -23,6 +23,7 @@ from shardgen.shard.config import ConfigError, ShardConfig, parse_config
 from shardgen.shard.cuda_graphs import GraphPolicy
 from shardgen.shard.distributed import destroy_distributed, init_distributed
 from shardgen.shard.faults import FaultInjection
+from shardgen.shard.kv_cache import kv_cache_dtype
 from shardgen.shard.models import load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
 from shardgen.shard.server import ShardServicer, serve_until
@@ -55,7 +56,7 @@ def build_runner(config: ShardConfig) -> ModelRunner:
                          config.cuda_graph_max_prefill_tokens)
     return ModelRunner(model, facts, memory, device=device, dtype=dtype, rank=config.rank,
                        graphs=graphs, run_ahead=config.run_ahead,
-                       kv_cache_dtype=torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else None)
+                       kv_cache_dtype=kv_cache_dtype(config.kv_cache_dtype))
 
 
 async def run(config: ShardConfig, faults: FaultInjection | None = None) -> None:

@@ -162,13 +162,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ warm-up, health
 
-    @torch.inference_mode()
     def bind_thread(self) -> None:
         """Make this rank's device the calling thread's current one (CUDA's current device
         is per thread; Triton launches on it)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
+    @torch.inference_mode()
     def warmup(self, request: generate_pb2.WarmupRequest) -> generate_pb2.WarmupResponse:
         """Run the largest step, allocate the KV cache, capture the decode graphs; forgets
         every batch."""

@@ -125,7 +125,7 @@ def paged_attention(
         )
     for b, q_len in enumerate(q_lens):
         if q_len > 1:
-            k, v = (_as_query_dtype(t, q) for t in _gather_sequence(k_cache, v_cache, block_tables[b], lens[b]))
+            k, v = (t.to(q.dtype) for t in _gather_sequence(k_cache, v_cache, block_tables[b], lens[b]))
             q_pos = torch.arange(lens[b] - q_len, lens[b], device=q.device)
             mask = _visible(q_pos[:, None], torch.arange(lens[b], device=q.device)[None, :], sliding_window)
             out[starts[b]:starts[b + 1]] = _sdpa(q[starts[b]:starts[b + 1]], k, v, mask, scale)
@@ -139,10 +139,6 @@ def _gather_sequence(
     used = blocks[: -(-seq_len // k_cache.shape[1])].long()
     return k_cache[used].flatten(0, 1)[:seq_len], v_cache[used].flatten(0, 1)[:seq_len]
 
-
-def _as_query_dtype(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Keys or values gathered from the cache, in q's dtype (an fp8 cache's are converted)."""
-    return kv.to(q.dtype)
 
 
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
@@ -172,8 +168,8 @@ def _attend_decodes(
     block_size = k_cache.shape[1]
     num_blocks = -(-int(seq_lens.max()) // block_size)
     used = block_tables[:, :num_blocks].long()
-    k = _as_query_dtype(k_cache[used].flatten(1, 2), q)  # [B, num_blocks * block_size, Hkv, D]
-    v = _as_query_dtype(v_cache[used].flatten(1, 2), q)
+    k = k_cache[used].flatten(1, 2).to(q.dtype)  # [B, num_blocks * block_size, Hkv, D]
+    v = v_cache[used].flatten(1, 2).to(q.dtype)
     k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
     q_pos = (seq_lens.long() - 1)[:, None]
     mask = _visible(q_pos, k_pos, sliding_window)  # [B, K]; causal, so never past seq_len
