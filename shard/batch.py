@@ -359,9 +359,15 @@ def build_step(running: DecodeBatch | None, new: Sequence[NewSequence], block_si
         layout.add_new(seq)
         tables.append(np.asarray(seq.blocks, dtype=np.int32)[None, :])
     inputs = _to_device(layout, tables, upload or (lambda array: torch.from_numpy(array).to(device)))
-    if running is not None and running.last_tokens_device is not None and not new:
-        # A decode-only step: its rows are the sampled ones, fed the tokens they sampled last.
-        inputs.input_ids = inputs.previous_tokens = running.last_tokens_device
+    if running is not None and running.last_tokens_device is not None:
+        if not new:
+            # A decode-only step: its rows are the sampled ones, fed the tokens they sampled last.
+            inputs.input_ids = inputs.previous_tokens = running.last_tokens_device
+        elif len(running) and running.last_tokens[0] < 0:
+            # A step run ahead with prompts (DecodeBatch.successor): the running rows come
+            # first, and their tokens exist only on the device.
+            inputs.input_ids[:len(running)].copy_(running.last_tokens_device)
+            inputs.previous_tokens[:len(running)].copy_(running.last_tokens_device)
     return inputs
 
 

@@ -12,20 +12,24 @@ step's inputs, and its results come back in non-blocking copies that the host wa
 only when it builds the answer.
 
 Run-ahead (generate.proto, RunAhead): when the router asks, the runner launches the next
-decode step right behind the current one, before it waits for the current results, so
-the device never idles while the host commits, answers and hears the next call. The next
-Decode adopts that step when it names the same requests (or some) at the same lengths;
-anything else discards it. Penalty statistics are observed on the device when a step is
-launched (or adopted), so a step ahead sees the tokens of the step before it.
+step right behind the current one, before it waits for the current results, so the device
+never idles while the host commits, answers and hears the next call. That step decodes the
+running requests and computes the prompt chunks the router sent along (`next_requests`).
+The next Prefill or Decode adopts it when it names the same new requests and the same
+running ones (or some) at the same lengths; anything else discards it. Penalty statistics
+are observed on the device when a step is launched (or adopted), so a step ahead sees the
+tokens of the step before it.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,20 +104,30 @@ class MemoryPolicy:
 
 @dataclass(eq=False)
 class _AheadStep:
-    """A decode step launched before the router asked for it (run-ahead).
+    """A step launched before the router asked for it (run-ahead).
 
-    `batch` is its rows as the step before it leaves them; `picked` its sampler output on
-    the device, `results` the same on its way to the host.
+    `batch` is its sampling rows (the running rows as the step before leaves them, then the
+    new requests that finish their prompt; None when no row samples), `new` the identity of
+    its new requests (`_new_key`); `picked` its sampler output on the device, `results` the
+    same on its way to the host.
     """
 
-    batch: DecodeBatch
-    picked: SampleOutput
-    results: HostCopy
+    batch: DecodeBatch | None
+    new: tuple[tuple[object, ...], ...]
+    picked: SampleOutput | None
+    results: HostCopy | None
     launched_ns: int
 
-    def rows_for(self, batch: DecodeBatch) -> list[int] | None:
-        """This step's rows of `batch`'s requests, in `batch`'s order; None unless every
-        one of them is here at the same length (then this step is the one it asks for)."""
+    def rows_for(self, batch: DecodeBatch | None, new: Sequence[NewSequence]) -> list[int] | None:
+        """This step's rows of `batch`'s requests, in `batch`'s order; None unless the step
+        computed exactly `new` and every request of `batch` at the same length (then it is
+        the step asked for; rows it has beyond those are dropped)."""
+        if _new_key(new) != self.new:
+            return None
+        if batch is None:
+            return []
+        if self.batch is None:
+            return None
         index = {rid: row for row, rid in enumerate(self.batch.request_ids)}
         try:
             rows = [index[rid] for rid in batch.request_ids]
@@ -122,6 +136,23 @@ class _AheadStep:
         if not np.array_equal(self.batch.seq_lens[rows], batch.seq_lens):
             return None
         return rows
+
+
+    def mismatch(self, batch: DecodeBatch | None, new: Sequence[NewSequence]) -> str:
+        """Why `rows_for` found no rows (for the debug log)."""
+        key = _new_key(new)
+        if key != self.new:
+            return (f"it computed new requests {[k[:3] for k in self.new]}, the call has "
+                    f"{[k[:3] for k in key]}")
+        ids = set(batch.request_ids) if batch is not None else set()
+        return (f"the call's sampling rows {sorted(ids)[:8]}... are not among its "
+                f"{sorted(self.batch.request_ids)[:8] if self.batch is not None else []}... "
+                f"at the same lengths")
+
+
+def _new_key(new: Sequence[NewSequence]) -> tuple[tuple[object, ...], ...]:
+    """What makes two calls' new requests the same computation."""
+    return tuple((s.request_id, s.start, s.end, len(s.input_ids), tuple(s.blocks)) for s in new)
 
 
 class ModelRunner:
@@ -156,8 +187,13 @@ class ModelRunner:
         self._upload = PinnedUpload(device)
         # Honour run_ahead requests (None: where launches overlap the host, i.e. on CUDA).
         self.run_ahead = device.type == "cuda" if run_ahead is None else run_ahead
-        self._ahead: _AheadStep | None = None
-        # Steps run ahead: launched, adopted by the next Decode, discarded (tests, logs).
+        # The step ahead, being launched on its own thread: a launch can stall on a busy
+        # device (a full launch queue), and the answer of the step before must not wait.
+        self._ahead: Future[_AheadStep | None] | None = None
+        self._launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-launch",
+                                            initializer=self.bind_thread) if self.run_ahead else None
+        # Steps run ahead: launched, adopted by the next call (with prompts: a Prefill),
+        # discarded, failed to launch (tests, logs).
         self.run_ahead_counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ warm-up, health
@@ -293,9 +329,13 @@ class ModelRunner:
         self._store(kept)
         return generate_pb2.CachedBatch(id=kept.batch_id, request_ids=kept.request_ids)
 
+    def _take_ahead(self) -> _AheadStep | None:
+        """The step ahead, once its launch is done (None if there is none)."""
+        future, self._ahead = self._ahead, None
+        return future.result() if future is not None else None
+
     def _discard_ahead(self) -> None:
-        if self._ahead is not None:
-            self._ahead = None
+        if self._take_ahead() is not None:
             self.run_ahead_counts["discarded"] += 1
 
     def _batch(self, batch_id: int) -> DecodeBatch:
@@ -343,7 +383,7 @@ class ModelRunner:
             raise ValueError("Prefill needs at least one request or a cached batch")
         self._check_new_ids(new)
         output = self._step(cache, limits, running, new, request.block_extensions,
-                            request.batch.id, request.run_ahead)
+                            request.batch.id, request.run_ahead, request.next_requests)
         self._store(output.batch, replaced=[b.batch_id for b in running])
         return generate_pb2.PrefillResponse(
             generations=output.generations, batch=_cached(output.batch),
@@ -358,7 +398,7 @@ class ModelRunner:
             raise ValueError("Decode needs at least one cached batch")
         running = self._running(request.batches)
         output = self._step(cache, limits, running, [], request.block_extensions,
-                            request.batches[0].id, request.run_ahead)
+                            request.batches[0].id, request.run_ahead, request.next_requests)
         self._store(output.batch, replaced=[b.batch_id for b in running])
         return generate_pb2.DecodeResponse(
             generations=output.generations, batch=_cached(output.batch),
@@ -382,7 +422,8 @@ class ModelRunner:
 
     def _step(self, cache: PagedKVCache, limits: CacheLimits, running: list[DecodeBatch],
               new: list[NewSequence], extensions: Sequence[generate_pb2.BlockTableExtension],
-              batch_id: int, run_ahead: bool) -> StepOutput:
+              batch_id: int, run_ahead: bool,
+              next_requests: Sequence[generate_pb2.Request] = ()) -> StepOutput:
         """Check and lay out, compute (or adopt the step run ahead), then commit one step.
 
         Spans: `kv_write` lays out where the step's keys and values go (the router's block
@@ -390,7 +431,8 @@ class ModelRunner:
         device; the element writes run in each attention layer, inside `forward`), then
         `forward` and `sampling` (in _compute), and `run_ahead` around the next step's launch.
         """
-        ahead, self._ahead = self._ahead, None
+        ahead = self._take_ahead()
+        marks = [time.perf_counter_ns()]
         with optional_span(_tracer, "kv_write") as span:
             extended = _extend(running, extensions, limits)
             decoding = DecodeBatch.concat(batch_id, extended) if extended else None
@@ -399,67 +441,118 @@ class ModelRunner:
                 [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
                 if finishing else [])
             sampled = DecodeBatch.concat(batch_id, parts) if parts else None
-            adopted = ahead.rows_for(decoding) if ahead is not None and decoding is not None and not new \
-                else None
+            adopted = ahead.rows_for(sampled, new) if ahead is not None else None
             if adopted is None:
                 inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
                                     upload=self._upload)
             if span.is_recording():
                 span.set_attributes({
-                    "shardgen.kv.slots": len(sampled) if adopted is not None
+                    "shardgen.kv.slots": len(sampled or ()) if adopted is not None
                     else int(inputs.attn.slot_mapping.shape[0]),
                     "shardgen.kv.blocks_extended": sum(len(e.blocks) for e in extensions),
                     "shardgen.run_ahead.adopted": adopted is not None})
         if ahead is not None:
             self.run_ahead_counts["adopted" if adopted is not None else "discarded"] += 1
+            if adopted is not None and new:
+                self.run_ahead_counts["adopted with prompts"] += 1
+            if adopted is None and logger.isEnabledFor(logging.DEBUG):
+                logger.debug("discarded the step run ahead: %s", ahead.mismatch(sampled, new))
         prompt: dict[int, generate_pb2.Tokens] = {}
+        picked: SampleOutput | None = None
+        results: HostCopy | None = None
         if adopted is not None:
-            assert ahead is not None and sampled is not None
+            assert ahead is not None
             forward_started = ahead.launched_ns
-            picked: SampleOutput | None = _select_rows(ahead.picked, adopted)
-            results: HostCopy | None = ahead.results
+            if sampled is not None:
+                assert ahead.picked is not None and ahead.results is not None
+                picked, results = _select_rows(ahead.picked, adopted), ahead.results
         else:
             forward_started = time.perf_counter_ns()
             hidden, picked = self._compute(cache, inputs, sampled)
             # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
             results = HostCopy(*_fields(picked)) if picked is not None else None
             prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
+            del hidden
         if sampled is not None and picked is not None:
             sampled.sampling.observe(picked.next_ids)   # before any step after this one
-            if run_ahead and self.run_ahead:
-                self._ahead = self._launch_ahead(cache, limits, sampled, picked)
+        marks.append(time.perf_counter_ns())
+        if run_ahead and self.run_ahead:
+            self._ahead = self._launch_ahead(cache, limits, sampled, picked, next_requests, batch_id)
+        marks.append(time.perf_counter_ns())
         on_host = None
         if results is not None:
             on_host = SampleOutput(*results.wait())
             if adopted is not None:
                 on_host = _select_rows(on_host, adopted)
-        forward_ns = time.perf_counter_ns() - forward_started
+        marks.append(time.perf_counter_ns())
+        forward_ns = marks[-1] - forward_started
         batch, generations = self._commit(sampled, picked, on_host, new, prompt,
                                           limits.max_positions)
+        if logger.isEnabledFor(logging.DEBUG):
+            marks.append(time.perf_counter_ns())
+            logger.debug("step of %d rows and %d prompts: %s %.2f ms, next step launched in %.2f "
+                         "ms, results waited %.2f ms, committed in %.2f ms",
+                         len(sampled or ()), len(new), "adopted in" if adopted is not None else
+                         "laid out and launched in", *(np.diff(marks) / 1e6))
         return StepOutput(batch, generations, forward_ns)
 
-    def _launch_ahead(self, cache: PagedKVCache, limits: CacheLimits, sampled: DecodeBatch,
-                      picked: SampleOutput) -> _AheadStep | None:
-        """Launch the decode step after the one just queued (its rows fed the tokens it is
-        sampling, still on the device); None when it cannot run: every row stops on length,
-        or some row lacks the block of its next position."""
-        rows = sampled.continuing_rows(limits.max_positions)
-        if not rows:
-            return None
-        batch = sampled.successor(rows, picked.next_ids)
-        if not batch.has_next_slots(limits.block_size):
+    def _launch_ahead(self, cache: PagedKVCache, limits: CacheLimits, sampled: DecodeBatch | None,
+                      picked: SampleOutput | None, next_requests: Sequence[generate_pb2.Request],
+                      batch_id: int) -> Future[_AheadStep | None] | None:
+        """Start launching the step after the one just queued: its rows fed the tokens it is
+        sampling (still on the device), and the prompt chunks of `next_requests`. Its rows are
+        laid out here (the commit of the step before changes `sampled` next), its kernels
+        launched on the launch thread. None when nothing can run: no row goes on (all stop on
+        length) and no chunk was sent, some row lacks the block of its next position, or a
+        chunk is invalid or wants prompt log-probabilities (the call that asks for it then
+        computes it, and fails it if need be)."""
+        assert self._launcher is not None
+        rows = sampled.continuing_rows(limits.max_positions) \
+            if sampled is not None and picked is not None else []
+        running = sampled.successor(rows, picked.next_ids) if rows and sampled is not None \
+            and picked is not None else None
+        if running is not None and not running.has_next_slots(limits.block_size):
             logger.debug("not running ahead: a request lacks the block of its next position")
             return None
-        with optional_span(_tracer, "run_ahead") as span:
-            if span.is_recording():
-                span.set_attribute("shardgen.batch.size", len(batch))
-            inputs = build_step(batch, [], limits.block_size, self.device, sampled=batch,
-                                upload=self._upload)
-            launched = time.perf_counter_ns()
-            _, ahead_picked = self._compute(cache, inputs, batch)
-            assert ahead_picked is not None
-            self.run_ahead_counts["launched"] += 1
-            return _AheadStep(batch, ahead_picked, HostCopy(*_fields(ahead_picked)), launched)
+        try:
+            new = [NewSequence.from_proto(request, limits) for request in next_requests]
+        except ValueError as error:
+            logger.debug("not running ahead: %s", error)
+            return None
+        ids = [s.request_id for s in new] + (running.request_ids if running is not None else [])
+        if len(set(ids)) != len(ids) or any(s.prefill_logprobs for s in new):
+            return None
+        if running is None and not new:
+            return None
+        finishing = [s for s in new if s.finishes_prompt]
+        parts = ([running] if running is not None else []) + (
+            [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
+            if finishing else [])
+        batch = DecodeBatch.concat(batch_id, parts) if parts else None
+        self.run_ahead_counts["launched"] += 1
+        return self._launcher.submit(contextvars.copy_context().run, self._launch, cache, limits,
+                                     running, new, batch)
+
+    def _launch(self, cache: PagedKVCache, limits: CacheLimits, running: DecodeBatch | None,
+                new: list[NewSequence], batch: DecodeBatch | None) -> _AheadStep | None:
+        """On the launch thread: lay out and launch the step ahead. A failure is logged and
+        leaves no step ahead (the next call computes its step, and meets the error if it
+        lasts)."""
+        try:
+            with torch.inference_mode(), optional_span(_tracer, "run_ahead") as span:
+                if span.is_recording():
+                    span.set_attributes({"shardgen.batch.size": len(batch or ()),
+                                         "shardgen.prefill.requests": len(new)})
+                inputs = build_step(running, new, limits.block_size, self.device, sampled=batch,
+                                    upload=self._upload)
+                launched = time.perf_counter_ns()
+                _, picked = self._compute(cache, inputs, batch)
+                return _AheadStep(batch, _new_key(new), picked,
+                                  HostCopy(*_fields(picked)) if picked is not None else None, launched)
+        except Exception:
+            logger.exception("launching the step ahead failed; the next call computes its own")
+            self.run_ahead_counts["failed"] += 1
+            return None
 
     def _commit(self, sampled: DecodeBatch | None, picked: SampleOutput | None,
                 on_host: SampleOutput | None, new: Sequence[NewSequence],

@@ -76,7 +76,7 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
             device_type=self._runner.device.type, block_size=self._runner.spec.block_size,
             world_size=config.world_size, rank=config.rank, vocab_size=facts.vocab_size,
             max_position_embeddings=facts.max_positions, eos_token_ids=facts.eos_token_ids,
-            version=shard_version())
+            version=shard_version(), runs_ahead=self._runner.run_ahead)
 
     async def Health(self, request: generate_pb2.HealthRequest,
                      context: grpc.aio.ServicerContext) -> generate_pb2.HealthResponse:

@@ -1,12 +1,15 @@
 """Run-ahead (generate.proto, RunAhead) on the real runner and stories260K, on CPU.
 
 The same scripted sequence of calls goes to a runner that runs ahead and to one that does
-not; every token, log-probability and finish reason must agree. The script covers what a
+not; every token, log-probability and finish reason must agree. The scripts cover what a
 step ahead meets in serving: plain decodes (adopted whole), a FilterBatch between two
 decodes (adopted in part), a Prefill while a step is ahead (discarded), requests that stop
 on length (left out of the step ahead) and on a stop token (in it, result dropped),
 repetition and frequency penalties and seeded sampling (their device state must follow
-the adopted steps exactly).
+the adopted steps exactly); and prompts sent ahead (`next_requests`): chunks of a long
+prompt and whole prompts computed beside the running rows in the step ahead and adopted
+by the Prefill that names them, one that the next call does not name (discarded), and
+one that asks for prompt log-probabilities (nothing runs ahead).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Driver:
         self.blocks: dict[int, list[int]] = {}
         self.length: dict[int, int] = {}     # tokens the request holds (prompt + generated)
         self.out: dict[int, list[tuple[int, float, int]]] = {}
+        self.prompt_logprobs: dict[int, list[float]] = {}
         self.batch: pb.CachedBatch | None = None
 
     def _grow(self, rid: int, tokens: int) -> list[int]:
@@ -58,29 +62,33 @@ class Driver:
         return out
 
     def request(self, rid: int, prompt: list[int], max_new: int, stop: tuple[int, ...] = (),
+                start: int = 0, length: int = 0, prefill_logprobs: bool = False,
                 **params: object) -> pb.Request:
-        self.length[rid] = len(prompt)
-        self.out[rid] = []
-        self._grow(rid, len(prompt) + 1)
+        """Tokens [start, start + length) of the prompt (length 0: to its end)."""
+        if rid not in self.out:
+            self.length[rid] = len(prompt)
+            self.out[rid] = []
+            self._grow(rid, len(prompt) + 1)
         table = self.blocks[rid]
         return pb.Request(
             id=rid, input_ids=prompt, parameters=greedy(**params), blocks=table,
-            slots=[table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(len(prompt))],
+            slots=[table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, len(prompt))],
+            cache_len=start, chunk_len=length, prefill_logprobs=prefill_logprobs,
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new,
                                                               stop_token_ids=list(stop)))
 
-    def prefill(self, batch_id: int, *requests: pb.Request) -> None:
+    def prefill(self, batch_id: int, *requests: pb.Request, next: tuple[pb.Request, ...] = ()) -> None:
         message = pb.PrefillRequest(batch=pb.Batch(id=batch_id, requests=requests), run_ahead=True,
-                                    block_extensions=self._extensions())
+                                    block_extensions=self._extensions(), next_requests=next)
         if self.batch is not None:
             message.cached_batch.CopyFrom(self.batch)
         self._absorb(self.runner.prefill(message))
 
-    def decode(self) -> None:
+    def decode(self, next: tuple[pb.Request, ...] = ()) -> None:
         assert self.batch is not None
         extensions = self._extensions()
         self._absorb(self.runner.decode(pb.DecodeRequest(batches=[self.batch], block_extensions=extensions,
-                                                         run_ahead=True)))
+                                                         run_ahead=True, next_requests=next)))
 
     def keep(self, *rids: int) -> None:
         assert self.batch is not None
@@ -88,6 +96,8 @@ class Driver:
 
     def _absorb(self, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
         for generation in response.generations:
+            if generation.prefill_tokens.ids:
+                self.prompt_logprobs[generation.request_id] = list(generation.prefill_tokens.logprobs)
             for token, logprob in zip(generation.tokens.ids, generation.tokens.logprobs):
                 self.out[generation.request_id].append((token, logprob, generation.finish_reason))
                 self.length[generation.request_id] += 1
@@ -137,6 +147,84 @@ def test_running_ahead_changes_no_token_and_is_adopted() -> None:
     assert counts["adopted"] >= 30
     assert counts["discarded"] >= 1      # the Prefill of request 4 (request 5 comes to an empty batch)
     assert counts["launched"] == counts["adopted"] + counts["discarded"] + (ahead_runner._ahead is not None)
+
+
+def prefill_script(runner: ModelRunner, stop_token: int | None
+                   ) -> tuple[Driver, list[tuple[str, int, int, int]]]:
+    """Prompts sent ahead, as the router plans them with admit_ahead; returns the driver
+    and, after each call, the run-ahead counts (adopted, adopted with prompts, discarded)."""
+    driver = Driver(runner)
+    prompts = {rid: list(range(2 + rid, 2 + rid + 7 + 3 * rid)) for rid in range(1, 9)}
+    long = [(7 * p + 3) % 500 + 3 for p in range(45)]
+    stop = (stop_token,) if stop_token is not None else ()
+    counts = []
+
+    def note(label: str) -> None:
+        c = runner.run_ahead_counts
+        counts.append((label, c["adopted"], c["adopted with prompts"], c["discarded"]))
+
+    first = driver.request(1, prompts[1], max_new=5)                      # stops on length early
+    second = driver.request(2, prompts[2], max_new=30, stop=stop)         # stops on a token
+    long_a = driver.request(3, long, max_new=9, start=0, length=20)
+    driver.prefill(1, first, second, next=(long_a,))
+    note("prefill 1, the first chunk of 3 ahead")
+    long_b = driver.request(3, long, max_new=9, start=20, length=16)
+    sampled = driver.request(4, prompts[4], max_new=12, do_sample=True, seed=7, top_k=30,
+                             repetition_penalty=1.2)
+    driver.prefill(2, long_a, next=(long_b, sampled))
+    note("prefill 2 adopted")
+    long_c = driver.request(3, long, max_new=9, start=36)
+    driver.prefill(3, long_b, sampled, next=(long_c,))
+    note("prefill 3 adopted")
+    driver.prefill(4, long_c)                                              # a decode ahead
+    note("prefill 4 adopted")
+    for _ in range(3):
+        driver.decode()
+    planned = driver.request(5, prompts[5], max_new=6)
+    driver.decode(next=(planned,))                                         # 5 planned ahead ...
+    note("decode, 5 ahead")
+    other = driver.request(6, prompts[6], max_new=6)
+    driver.prefill(5, other, next=(planned,))                              # ... 6 comes instead
+    note("prefill 5: 6 instead of 5")
+    asks = driver.request(7, prompts[7], max_new=4, prefill_logprobs=True)
+    driver.prefill(6, planned, next=(asks,))                               # nothing runs ahead
+    note("prefill 6, 7 ahead with prompt logprobs")
+    driver.prefill(7, asks)
+    note("prefill 7")
+    while driver.batch is not None:
+        driver.decode()
+    return driver, counts
+
+
+def test_prompts_sent_ahead_change_no_token_and_are_adopted() -> None:
+    plain, _ = prefill_script(make_runner(run_ahead=False), stop_token=None)
+    # Request 2 stops on its second token, in the step whose next step (with request 3's
+    # second chunk and request 4) is already running: its row there is dropped.
+    stop_token = plain.out[2][1][0]
+    plain, _ = prefill_script(make_runner(run_ahead=False), stop_token=stop_token)
+    assert plain.out[2][-1][2] == pb.FINISH_REASON_EOS_TOKEN and len(plain.out[2]) == 2
+    ahead_runner = make_runner(run_ahead=True)
+    ahead, counts = prefill_script(ahead_runner, stop_token=stop_token)
+
+    assert sorted(ahead.out) == sorted(plain.out) == list(range(1, 8))
+    for rid in plain.out:
+        assert [t for t, _, _ in ahead.out[rid]] == [t for t, _, _ in plain.out[rid]], rid
+        assert [r for _, _, r in ahead.out[rid]] == [r for _, _, r in plain.out[rid]], rid
+        np.testing.assert_allclose([lp for _, lp, _ in ahead.out[rid]],
+                                   [lp for _, lp, _ in plain.out[rid]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ahead.prompt_logprobs[7], plain.prompt_logprobs[7], rtol=0, atol=1e-5)
+    assert counts == [
+        ("prefill 1, the first chunk of 3 ahead", 0, 0, 0),
+        ("prefill 2 adopted", 1, 1, 0),
+        ("prefill 3 adopted", 2, 2, 0),
+        ("prefill 4 adopted", 3, 3, 0),
+        ("decode, 5 ahead", 7, 3, 0),
+        ("prefill 5: 6 instead of 5", 7, 3, 1),
+        ("prefill 6, 7 ahead with prompt logprobs", 8, 4, 1),
+        ("prefill 7", 8, 4, 1),
+    ]
+    final = ahead_runner.run_ahead_counts
+    assert final["launched"] == final["adopted"] + final["discarded"] + (ahead_runner._ahead is not None)
 
 
 def test_a_runner_that_does_not_run_ahead_ignores_the_request() -> None:
