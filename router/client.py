@@ -122,18 +122,22 @@ class ShardClient:
     def prefill(self, batch: generate_pb2.Batch,
                 cached_batch: generate_pb2.CachedBatch | None = None,
                 block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-                run_ahead: bool = False) -> Awaitable[generate_pb2.PrefillResponse]:
-        """Send the step now; await the result for rank 0's answer."""
+                run_ahead: bool = False, next_requests: Sequence[generate_pb2.Request] = (),
+                ) -> Awaitable[generate_pb2.PrefillResponse]:
+        """Send the step now; await the result for rank 0's answer. With run_ahead, the
+        shards launch the next step (the running requests' decode and next_requests)."""
         request = generate_pb2.PrefillRequest(batch=batch, cached_batch=cached_batch,
-                                              block_extensions=block_extensions, run_ahead=run_ahead)
+                                              block_extensions=block_extensions, run_ahead=run_ahead,
+                                              next_requests=next_requests)
         return asyncio.ensure_future(_first(self._broadcast("Prefill", request, self._step_timeout_s)))
 
     def decode(self, batches: Sequence[generate_pb2.CachedBatch],
                block_extensions: Sequence[generate_pb2.BlockTableExtension] = (),
-               run_ahead: bool = False) -> Awaitable[generate_pb2.DecodeResponse]:
-        """Send the step now; await the result for rank 0's answer."""
+               run_ahead: bool = False, next_requests: Sequence[generate_pb2.Request] = (),
+               ) -> Awaitable[generate_pb2.DecodeResponse]:
+        """Send the step now; await the result for rank 0's answer (run_ahead: as prefill)."""
         request = generate_pb2.DecodeRequest(batches=batches, block_extensions=block_extensions,
-                                             run_ahead=run_ahead)
+                                             run_ahead=run_ahead, next_requests=next_requests)
         return asyncio.ensure_future(_first(self._broadcast("Decode", request, self._step_timeout_s)))
 
     async def filter_batch(self, batch_id: int, request_ids: Sequence[int]

@@ -328,8 +328,10 @@ class Engine:
                 id=self._batch_id, request_ids=[seq.request_id for seq in plan.decoding])
         self._note_scheduled(plan.chunks)
         method = "prefill" if plan.chunks else "decode"
-        # When the next step is likely this batch's plain decode, the shards start it now.
-        run_ahead = self._scheduler.decodes_only_next(plan)
+        # The shards start the next step now when it is planned (its prompts are sent along)
+        # or likely this batch's plain decode.
+        next_requests = [self._request_proto(chunk) for chunk in plan.next_chunks]
+        run_ahead = bool(next_requests) or self._scheduler.decodes_only_next(plan)
         started = time.perf_counter()
         with step_span(method, lambda: self._riders(plan.decoding, plan.chunks),
                        lambda: _step_attributes(plan)) as span:
@@ -338,10 +340,10 @@ class Engine:
                 batch = generate_pb2.Batch(id=next(self._batch_ids),
                                            requests=[self._request_proto(c) for c in plan.chunks])
                 span.set_attribute(engine_spans.BATCH_ID, batch.id)
-                answer = self._client.prefill(batch, cached, extensions, run_ahead)
+                answer = self._client.prefill(batch, cached, extensions, run_ahead, next_requests)
             else:
                 assert cached is not None
-                answer = self._client.decode([cached], extensions, run_ahead)
+                answer = self._client.decode([cached], extensions, run_ahead, next_requests)
             # One turn of the loop runs the call's invocation task, which sends the step;
             # then the streams get the last step's tokens while it runs.
             await asyncio.sleep(0)

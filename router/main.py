@@ -47,11 +47,13 @@ def model_info(config: RouterConfig, info: generate_pb2.InfoResponse, block_size
 
 
 def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: Any,
-            num_blocks: int, block_size: int, metrics: Metrics, kv_events: KVEventHub) -> Any:
+            num_blocks: int, block_size: int, metrics: Metrics, kv_events: KVEventHub,
+            runs_ahead: bool) -> Any:
     """The engine over the warmed-up shards, its state gauges bound to metrics.
 
     max_batch_total_tokens: the bound the user gave, or None; the resolved config's value
     (the whole KV capacity by default) is for /info, the KV blocks themselves bound the rest.
+    runs_ahead: the shards run steps ahead (Info), so prompts are planned a step early.
     """
     from shardgen.router.block_manager import BlockManager  # gRPC and friends: only here
     from shardgen.router.engine import Engine, SchedulerConfig
@@ -65,7 +67,8 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
         waiting_served_ratio=config.waiting_served_ratio,
         max_waiting_tokens=config.max_waiting_tokens,
         enable_prefix_caching=config.enable_prefix_caching,
-        scheduling_policy=config.scheduling_policy)
+        scheduling_policy=config.scheduling_policy,
+        admit_ahead=runs_ahead)
     blocks = BlockManager(num_blocks, block_size,
                           enable_prefix_caching=config.enable_prefix_caching,
                           event_sink=kv_events.publish)
@@ -110,7 +113,7 @@ async def _start(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub
                 resolved.max_batch_prefill_tokens, resolved.max_batch_total_tokens,
                 warmup.num_blocks, warmup.block_size)
     engine = _engine(resolved, config.max_batch_total_tokens, client, warmup.num_blocks,
-                     warmup.block_size, metrics, kv_events)
+                     warmup.block_size, metrics, kv_events, info.runs_ahead)
     return client, engine, tokenizer, resolved, model_info(config, info, warmup.block_size)
 
 

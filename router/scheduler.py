@@ -81,6 +81,11 @@ class SchedulerConfig:
         every step is still filled to its budget); a request passed over for
         max_waiting_tokens steps, or preempted, goes first regardless, so none starves.
         "fcfs": arrival order, as TGI and vLLM do.
+    admit_ahead: plan each step's prompt chunks one step early, with the step before (the
+        shards compute them in the step they run ahead: RunAhead in generate.proto). On when
+        the shards run ahead (Info's runs_ahead). The next step then starts no other request:
+        one arriving meanwhile starts a step later, but the device never waits for the
+        router to plan the prompts of a step nor for the shard to lay them out.
     """
 
     max_concurrent_requests: int = 128
@@ -91,6 +96,7 @@ class SchedulerConfig:
     max_waiting_tokens: int = 20
     enable_prefix_caching: bool = True
     scheduling_policy: str = "shortest-prefill"
+    admit_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -179,6 +185,10 @@ class StepPlan:
     chunks: prompts (or chunks of them) computed in this step.
     preempted: requests sent back to the queue in this step.
     failed: requests removed with a reason (deadline passed, cannot fit the KV cache).
+    next_chunks: with admit_ahead, the prompt chunks of the step after this one, planned
+        now: the next schedule() plans exactly these unless requests leave meanwhile.
+    pending_rows: in a plan of the step after next, the requests that the step before it
+        turns from prefilling to running (they decode in it).
     """
 
     batch_changed: bool = False
@@ -187,6 +197,8 @@ class StepPlan:
     chunks: list[PrefillChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    next_chunks: list[PrefillChunk] = field(default_factory=list)
+    pending_rows: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -242,6 +254,8 @@ class Scheduler:
         self._batch_changed = False
         # Steps since a new request last joined (TGI's waiting_tokens).
         self._steps_since_admission = 0
+        # The last plan's next_chunks are the prompts of the next step (admit_ahead).
+        self._planned_ahead = False
         # No smaller than a block: a prompt chunked finer would gain little memory.
         self._prefill_budget = PrefillBudget(config.max_batch_prefill_tokens,
                                              floor=self._block_size)
@@ -327,12 +341,17 @@ class Scheduler:
         self._expire(now, plan)
         self._grow_running(plan)
         self._continue_prefills(plan)
-        if not plan.preempted:
-            # After a preemption blocks are short: admitting now would only thrash.
+        planned_ahead, self._planned_ahead = self._planned_ahead, False
+        if not plan.preempted and not planned_ahead:
+            # After a preemption blocks are short: admitting now would only thrash. A step
+            # planned ahead computes what the last plan said (the shards may be at it).
             self._admit(plan)
         plan.decoding = list(self._running)
         plan.batch_changed = self._batch_changed
         self._batch_changed = False
+        if self._config.admit_ahead and not plan.preempted and not plan.is_empty:
+            plan.next_chunks = self._plan_next_chunks(plan)
+            self._planned_ahead = bool(plan.next_chunks)
         return plan
 
     def complete(self, plan: StepPlan, tokens: Mapping[int, list[int]],
@@ -438,6 +457,7 @@ class Scheduler:
             self._release(seq)
             self._requeue(seq)
         self._batch_changed = False
+        self._planned_ahead = False   # the shards' step ahead is gone with their cache
         return blamed, requeued
 
     # ------------------------------------------------------------------ steps of schedule()
@@ -511,6 +531,49 @@ class Scheduler:
             length = min(len(seq.token_ids) - seq.num_computed, budget)
             plan.chunks.append(PrefillChunk(seq, seq.num_computed, length))
             budget -= length
+
+    def _plan_next_chunks(self, plan: StepPlan) -> list[PrefillChunk]:
+        """The prompt chunks of the step after `plan` (admit_ahead): what _continue_prefills
+        will plan once `plan` completes, then requests admitted now to fill its budget.
+
+        None on trial (a trial's step is planned on its own), nor when a waiting request would
+        wait for a prefix in flight (admitted a step later, it reuses it). The room counted
+        for the next step assumes that nothing `plan` samples stops; if some does, the next
+        step has room for a request more than planned, which it leaves unused.
+        """
+        if any(seq.on_trial for seq in self._prefilling) or (
+                self._waiting and self._waiting[0].on_trial):
+            return []
+        finishing = {id(chunk.seq) for chunk in plan.chunks if chunk.is_last}
+        computed = {id(chunk.seq): chunk.start + chunk.length for chunk in plan.chunks}
+        ahead = StepPlan(pending_rows=len(finishing))
+        budget = self._prefill_budget.current
+        for seq in self._prefilling:
+            if id(seq) in finishing:
+                continue
+            if budget == 0 or not self._has_room(ahead):
+                break
+            start = computed.get(id(seq), seq.num_computed)
+            length = min(len(seq.token_ids) - start, budget)
+            ahead.chunks.append(PrefillChunk(seq, start, length))
+            budget -= length
+        if self._waiting and budget > 0 and self._prefix_waits_within(budget):
+            # Planned now, it would start a step later than it can (its provider commits
+            # first): leave the next step to be planned after this one, as without admit_ahead.
+            return []
+        self._admit(ahead)
+        return ahead.chunks
+
+    def _prefix_waits_within(self, budget: int) -> bool:
+        """Whether a waiting request that admission would reach within `budget` prompt
+        tokens waits for a prefix in flight (_waits_for_prefix)."""
+        for seq in self._admission_order():
+            if budget <= 0:
+                break
+            if self._waits_for_prefix(seq):
+                return True
+            budget -= len(seq.token_ids)
+        return False
 
     def _admit(self, plan: StepPlan) -> None:
         """Start waiting requests in the policy's order while budgets and blocks allow.
@@ -707,7 +770,7 @@ class Scheduler:
         limit = self._config.max_batch_size
         if limit is None:
             return math.inf
-        return limit - len(self._running) - len(plan.chunks)
+        return limit - len(self._running) - plan.pending_rows - len(plan.chunks)
 
     def _has_room(self, plan: StepPlan) -> bool:
         return self._room(plan) > 0

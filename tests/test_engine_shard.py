@@ -99,8 +99,10 @@ async def engine_on(shard_path: str, *, num_blocks: int = SHARD_BLOCKS, num_shar
         shard_path, num_shard, max_batch_prefill_tokens=256, max_batch_size=32,
         max_total_tokens=256, timeout_s=60)
     assert block_size == BLOCK_SIZE and shard_blocks == SHARD_BLOCKS
-    blocks = BlockManager(num_blocks, block_size)
-    engine = Engine(client, SchedulerConfig(**config), blocks, metrics=metrics)
+    scheduler = SchedulerConfig(**config)
+    blocks = BlockManager(num_blocks, block_size,
+                          enable_prefix_caching=scheduler.enable_prefix_caching)
+    engine = Engine(client, scheduler, blocks, metrics=metrics)
     await engine.start()
     try:
         yield engine, blocks
