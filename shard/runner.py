@@ -156,7 +156,8 @@ def _new_key(new: Sequence[NewSequence]) -> tuple[tuple[object, ...], ...]:
 
 
 class ModelRunner:
-    """One shard's model and state. Not thread-safe: call one method at a time.
+    """One shard's model and state. Not thread-safe: call one method at a time (a step
+    run ahead is launched on a thread of the runner's own, joined before anything else).
 
     `graphs` says whether Warmup captures decode CUDA graphs; None picks the default
     (GraphPolicy.default_for: on for one CUDA rank with graph-safe ops). `kv_cache_dtype`
@@ -507,10 +508,10 @@ class ModelRunner:
         chunk is invalid or wants prompt log-probabilities (the call that asks for it then
         computes it, and fails it if need be)."""
         assert self._launcher is not None
-        rows = sampled.continuing_rows(limits.max_positions) \
-            if sampled is not None and picked is not None else []
-        running = sampled.successor(rows, picked.next_ids) if rows and sampled is not None \
-            and picked is not None else None
+        running = None
+        if sampled is not None and picked is not None:
+            rows = sampled.continuing_rows(limits.max_positions)
+            running = sampled.successor(rows, picked.next_ids) if rows else None
         if running is not None and not running.has_next_slots(limits.block_size):
             logger.debug("not running ahead: a request lacks the block of its next position")
             return None
