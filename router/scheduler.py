@@ -523,13 +523,20 @@ class Scheduler:
         self._requeue(seq)
         plan.preempted.append(seq)
 
-    def _continue_prefills(self, plan: StepPlan) -> None:
+    def _continue_prefills(self, plan: StepPlan, after: StepPlan | None = None) -> None:
+        """The next chunk of every prompt being computed, within the budgets; with `after`,
+        of the prompts as that step leaves them (its last chunks gone to running)."""
+        finishing = {id(c.seq) for c in after.chunks if c.is_last} if after is not None else set()
+        computed = {id(c.seq): c.start + c.length for c in after.chunks} if after is not None else {}
         budget = self._prefill_budget.current
         for seq in self._prefilling:
+            if id(seq) in finishing:
+                continue
             if budget == 0 or not self._has_room(plan):
                 return
-            length = min(len(seq.token_ids) - seq.num_computed, budget)
-            plan.chunks.append(PrefillChunk(seq, seq.num_computed, length))
+            start = computed.get(id(seq), seq.num_computed)
+            length = min(len(seq.token_ids) - start, budget)
+            plan.chunks.append(PrefillChunk(seq, start, length))
             budget -= length
 
     def _plan_next_chunks(self, plan: StepPlan) -> list[PrefillChunk]:
@@ -544,30 +551,21 @@ class Scheduler:
         if any(seq.on_trial for seq in self._prefilling) or (
                 self._waiting and self._waiting[0].on_trial):
             return []
-        finishing = {id(chunk.seq) for chunk in plan.chunks if chunk.is_last}
-        computed = {id(chunk.seq): chunk.start + chunk.length for chunk in plan.chunks}
-        ahead = StepPlan(pending_rows=len(finishing))
-        budget = self._prefill_budget.current
-        for seq in self._prefilling:
-            if id(seq) in finishing:
-                continue
-            if budget == 0 or not self._has_room(ahead):
-                break
-            start = computed.get(id(seq), seq.num_computed)
-            length = min(len(seq.token_ids) - start, budget)
-            ahead.chunks.append(PrefillChunk(seq, start, length))
-            budget -= length
-        if self._waiting and budget > 0 and self._prefix_waits_within(budget):
+        ahead = StepPlan(pending_rows=sum(chunk.is_last for chunk in plan.chunks))
+        self._continue_prefills(ahead, after=plan)
+        budget = self._prefill_budget.current - sum(chunk.length for chunk in ahead.chunks)
+        order = self._admission_order() if self._waiting and budget > 0 else []
+        if self._prefix_waits_within(order, budget):
             # Planned now, it would start a step later than it can (its provider commits
             # first): leave the next step to be planned after this one, as without admit_ahead.
             return []
-        self._admit(ahead)
+        self._admit(ahead, order)
         return ahead.chunks
 
-    def _prefix_waits_within(self, budget: int) -> bool:
-        """Whether a waiting request that admission would reach within `budget` prompt
-        tokens waits for a prefix in flight (_waits_for_prefix)."""
-        for seq in self._admission_order():
+    def _prefix_waits_within(self, order: list[Sequence], budget: int) -> bool:
+        """Whether a waiting request that admission (in `order`) would reach within `budget`
+        prompt tokens waits for a prefix in flight (_waits_for_prefix)."""
+        for seq in order:
             if budget <= 0:
                 break
             if self._waits_for_prefix(seq):
@@ -575,13 +573,14 @@ class Scheduler:
             budget -= len(seq.token_ids)
         return False
 
-    def _admit(self, plan: StepPlan) -> None:
+    def _admit(self, plan: StepPlan, order: list[Sequence] | None = None) -> None:
         """Start waiting requests in the policy's order while budgets and blocks allow.
 
         A request that would compute prompt blocks a prompt in flight is about to commit
         (`_waits_for_prefix`) is passed over: it keeps its place in the queue and reuses
         them in a later step; the requests after it may start now. The first request that
-        does not fit ends the step's admissions.
+        does not fit ends the step's admissions. `order`: _admission_order() if the caller
+        has it already.
         """
         budget = self._prefill_budget.current - sum(c.length for c in plan.chunks)
         if not self._waiting or budget <= 0 or any(seq.on_trial for seq in self._prefilling):
@@ -595,7 +594,7 @@ class Scheduler:
         reserved = self._reserved_tokens()
         started: list[PrefillChunk] = []
         deferred = 0
-        for seq in self._admission_order():
+        for seq in order or self._admission_order():
             if budget <= 0 or not self._has_room(plan) or seq.on_trial:
                 break   # one on trial starts in a step of its own
             limit = self._config.max_batch_total_tokens

@@ -437,11 +437,7 @@ class ModelRunner:
         with optional_span(_tracer, "kv_write") as span:
             extended = _extend(running, extensions, limits)
             decoding = DecodeBatch.concat(batch_id, extended) if extended else None
-            finishing = [s for s in new if s.finishes_prompt]
-            parts = ([decoding] if decoding is not None else []) + (
-                [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
-                if finishing else [])
-            sampled = DecodeBatch.concat(batch_id, parts) if parts else None
+            sampled = self._sampling_rows(batch_id, decoding, new, limits)
             adopted = ahead.rows_for(sampled, new) if ahead is not None else None
             if adopted is None:
                 inputs = build_step(decoding, new, limits.block_size, self.device, sampled=sampled,
@@ -497,6 +493,16 @@ class ModelRunner:
                          "laid out and launched in", *(np.diff(marks) / 1e6))
         return StepOutput(batch, generations, forward_ns)
 
+    def _sampling_rows(self, batch_id: int, running: DecodeBatch | None,
+                       new: Sequence[NewSequence], limits: CacheLimits) -> DecodeBatch | None:
+        """The rows of a step that pick a token: the running ones, then the new requests
+        that finish their prompt; None when there are none."""
+        finishing = [s for s in new if s.finishes_prompt]
+        parts = ([running] if running is not None else []) + (
+            [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
+            if finishing else [])
+        return DecodeBatch.concat(batch_id, parts) if parts else None
+
     def _launch_ahead(self, cache: PagedKVCache, limits: CacheLimits, sampled: DecodeBatch | None,
                       picked: SampleOutput | None, next_requests: Sequence[generate_pb2.Request],
                       batch_id: int) -> Future[_AheadStep | None] | None:
@@ -525,11 +531,7 @@ class ModelRunner:
             return None
         if running is None and not new:
             return None
-        finishing = [s for s in new if s.finishes_prompt]
-        parts = ([running] if running is not None else []) + (
-            [DecodeBatch.from_new(batch_id, finishing, limits.vocab_size, self.device)]
-            if finishing else [])
-        batch = DecodeBatch.concat(batch_id, parts) if parts else None
+        batch = self._sampling_rows(batch_id, running, new, limits)
         self.run_ahead_counts["launched"] += 1
         return self._launcher.submit(contextvars.copy_context().run, self._launch, cache, limits,
                                      running, new, batch)

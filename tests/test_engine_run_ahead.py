@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 from shard_rpc import InProcessShard, running_shard
-from test_engine_shard import (BLOCK_SIZE, MODEL, PROMPTS, SHARD_BLOCKS, engine_on, greedy,
-                               settle, token_ids, transformers_greedy)
+from test_engine_shard import (BLOCK_SIZE, MODEL, PROMPTS, SHARD_BLOCKS,
+                               all_tokens_then_settled, engine_on, greedy, token_ids,
+                               transformers_greedy)
 
 from shardgen.router.requests import GenerationError
 
@@ -45,11 +46,7 @@ def test_prompts_planned_ahead_give_the_reference_tokens(shard: InProcessShard) 
         async with engine_on(shard.config.uds_path, max_batch_prefill_tokens=32,
                              enable_prefix_caching=False, admit_ahead=True) as (engine, blocks):
             handles = [engine.submit(greedy(PROMPTS[i % 4], 16)) for i in range(24)]
-            results = await asyncio.gather(*(token_ids(h) for h in handles))
-            await settle(engine)
-            assert blocks.num_used_blocks == 0
-            blocks.check_invariants()
-            return results
+            return await all_tokens_then_settled(engine, blocks, handles)
     results = asyncio.run(main())
     for i, tokens in enumerate(results):
         assert tokens == transformers_greedy(tuple(PROMPTS[i % 4]), 16)
@@ -84,11 +81,7 @@ def test_cancels_and_a_rejected_request_while_planned_ahead_spare_the_others(
                 handle.cancel()
             with pytest.raises(GenerationError, match="shard 0 failed"):
                 [event async for event in bad]
-            results = await asyncio.gather(*(token_ids(h) for h in handles))
-            await settle(engine)
-            assert blocks.num_used_blocks == 0
-            blocks.check_invariants()
-            return results
+            return await all_tokens_then_settled(engine, blocks, handles)
     results = asyncio.run(main())
     for i, tokens in enumerate(results):
         assert tokens == transformers_greedy(tuple(PROMPTS[i % 4]), 12)

@@ -130,6 +130,16 @@ async def token_ids(handle: RequestHandle) -> list[int]:
     return [event.id for event in events if isinstance(event, TokenEvent)]
 
 
+async def all_tokens_then_settled(engine: Engine, blocks: BlockManager,
+                                  handles: list[RequestHandle]) -> list[list[int]]:
+    """Every handle's tokens; then the engine goes idle with every block free."""
+    results = await asyncio.gather(*(token_ids(h) for h in handles))
+    await settle(engine)
+    assert blocks.num_used_blocks == 0
+    blocks.check_invariants()
+    return results
+
+
 async def settle(engine: Engine) -> None:
     for _ in range(200):
         if engine.running_size == 0 and engine.queue_size == 0:
@@ -163,11 +173,7 @@ def test_many_concurrent_requests_complete_and_equal_prompts_equal_tokens(shard_
     async def main() -> list[list[int]]:
         async with engine_on(shard_path, max_batch_prefill_tokens=32) as (engine, blocks):
             handles = [engine.submit(greedy(PROMPTS[i % 4], 16)) for i in range(24)]
-            results = await asyncio.gather(*(token_ids(h) for h in handles))
-            await settle(engine)
-            assert blocks.num_used_blocks == 0
-            blocks.check_invariants()
-            return results
+            return await all_tokens_then_settled(engine, blocks, handles)
     results = asyncio.run(main())
     for i, tokens in enumerate(results):
         assert tokens == transformers_greedy(tuple(PROMPTS[i % 4]), 16)
@@ -211,10 +217,7 @@ def test_cancel_frees_the_blocks_and_spares_the_others(shard_path):
                 await cancelled.__anext__()
             cancelled.cancel()
             assert [event async for event in cancelled] == []
-            tokens = await token_ids(other)
-            await settle(engine)
-            assert blocks.num_used_blocks == 0
-            blocks.check_invariants()
+            [tokens] = await all_tokens_then_settled(engine, blocks, [other])
             return tokens
     assert asyncio.run(main()) == transformers_greedy(tuple(PROMPTS[1]), 40)
 
@@ -232,11 +235,7 @@ def test_a_tiny_cache_preempts_yet_every_request_completes_correctly(shard_path)
                              metrics=metrics) as (engine, blocks):
             handles = [engine.submit(sampled(p, n, seed) if seed % 2 else greedy(p, n))
                        for p, n, seed in requests]
-            results = await asyncio.gather(*(token_ids(h) for h in handles))
-            await settle(engine)
-            assert blocks.num_used_blocks == 0
-            blocks.check_invariants()
-            return results
+            return await all_tokens_then_settled(engine, blocks, handles)
 
     async def main() -> tuple[list[list[int]], list[list[int]]]:
         tiny = await run(12)

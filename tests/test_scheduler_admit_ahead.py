@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from test_scheduler_policy import chunks_of, make, run, seq
+from test_scheduler_policy import chunks_of, drain, make, run, seq
 
-from shardgen.router.scheduler import Scheduler, StepPlan
+from shardgen.router.scheduler import StepPlan
 
 
 def next_of(plan: StepPlan) -> list[tuple[int, int, int]]:
@@ -83,11 +83,6 @@ def test_a_request_planned_ahead_that_is_cancelled_leaves_the_next_step_and_its_
     drain(scheduler)
     assert blocks.num_used_blocks == 0
     blocks.check_invariants()
-
-
-def drain(scheduler: Scheduler) -> None:
-    while scheduler.has_work:
-        run(scheduler, scheduler.schedule(0.0))
 
 
 @pytest.mark.parametrize("seed", range(8))
