@@ -41,6 +41,7 @@ ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--disable-prefix-caching", is_switch=True, help="Do not reuse KV blocks across requests."),
     ForwardedFlag("--scheduling-policy", type=str, choices=SCHEDULING_POLICIES,
                   help="Order in which waiting requests start (default shortest-prefill)."),
+    ForwardedFlag("--tokenizer-workers", help="Router threads that encode long prompts in parallel."),
     ForwardedFlag("--api-key", type=str, help="Require this Bearer token on every API route."),
     ForwardedFlag("--request-timeout", type=float, help="Seconds a generation request may take (504 past it)."),
     ForwardedFlag("--parse-special-tokens", is_switch=True,

@@ -65,6 +65,8 @@ class RouterConfig:
     # Parse special-token strings in `inputs` as the special tokens (TGI's behaviour);
     # False encodes them as plain text, so a prompt cannot forge control tokens.
     parse_special_tokens: bool = False
+    # Threads that encode long prompts, in parallel (one core each).
+    tokenizer_workers: int = 4
     # Bearer token every API route requires; None leaves the API open.
     api_key: str | None = None
     otlp_endpoint: str | None = None
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse-special-tokens", action="store_true",
                    help="tokenize special-token strings written in `inputs` (e.g. </s>) as "
                         "the special tokens, as TGI does (default: as plain text)")
+    p.add_argument("--tokenizer-workers", type=_positive_int, default=defaults.tokenizer_workers,
+                   help="threads that encode long prompts in parallel")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every API route")
     p.add_argument("--otlp-endpoint", default=None, help="OTLP traces endpoint")
@@ -210,6 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RouterConfig:
         drain_timeout_s=args.drain_timeout,
         request_timeout_s=args.request_timeout,
         parse_special_tokens=args.parse_special_tokens,
+        tokenizer_workers=args.tokenizer_workers,
         api_key=args.api_key,
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,

@@ -88,7 +88,8 @@ async def _start(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub
 
     client = ShardClient(config.uds_path, config.num_shard)
     tokenizer_task = asyncio.ensure_future(
-        asyncio.to_thread(Tokenizer.from_pretrained, config.tokenizer))
+        asyncio.to_thread(Tokenizer.from_pretrained, config.tokenizer,
+                          workers=config.tokenizer_workers))
     try:
         await client.wait_until_healthy(config.shard_timeout_s)
         info = await client.info()

@@ -2,18 +2,23 @@
 
 Prompts are encoded exactly as `tokenizer(text)["input_ids"]` encodes them (BOS added when
 the tokenizer adds it by default), so that the server sees the ids transformers' own
-`generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on one
-worker thread so that the event loop keeps streaming tokens meanwhile, one prompt per
-call: a burst's first prompts are admitted while the later ones encode (measured on an
-H100 box, encoding every waiting prompt in one `tokenizer(texts)` call made each wait for
-the whole burst: 250 ms from arrival to admission against 91). Short prompts are encoded
+`generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on a
+few worker threads so that the event loop keeps streaming tokens meanwhile, one prompt
+per call: a burst's first prompts are admitted while the later ones encode (measured on
+an H100 box, encoding every waiting prompt in one `tokenizer(texts)` call made each wait
+for the whole burst: 250 ms from arrival to admission against 91). The Rust encode runs
+outside the GIL, so the workers encode in parallel, one core each (2,200-token prompts
+on two cores: 40 in 104 ms with two workers, 207 ms with one). Short prompts are encoded
 inline, where a thread hop would cost more than the encode.
 
 Special tokens written in the text ("</s>", "<|im_end|>") are parsed as those tokens by
 default, as transformers and TGI do; text that a client wrote and that must not be able
 to forge control tokens is encoded with `parse_special_tokens=False`, which keeps such
 strings as plain text. Each mode has its own copy of the tokenizer: transformers switches
-the mode by mutating the tokenizer, which two threads encoding at once would race on.
+the mode by mutating the tokenizer, which two threads encoding at once would race on
+(the tokenizers library raises "Already borrowed"). For the same reason each copy encodes
+once when it is made, which settles what transformers sets on the first call (truncation,
+padding, the mode), so that the workers' encodes only ever read it.
 """
 
 from __future__ import annotations
@@ -25,29 +30,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# Prompts longer than this (in characters) are encoded on the worker thread.
+# Prompts longer than this (in characters) are encoded on a worker thread.
 INLINE_ENCODE_MAX_CHARS = 2048
+# Worker threads that encode long prompts (the router's --tokenizer-workers).
+DEFAULT_WORKERS = 4
 
 
 class Tokenizer:
     """Encodes prompts and names the special tokens; wraps a transformers tokenizer."""
 
-    def __init__(self, hf_tokenizer: Any, *,
+    def __init__(self, hf_tokenizer: Any, *, workers: int = DEFAULT_WORKERS,
                  inline_encode_max_chars: int = INLINE_ENCODE_MAX_CHARS) -> None:
-        self.hf = hf_tokenizer
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.hf = _settled(hf_tokenizer)
         self._inline_max = inline_encode_max_chars
-        # One thread: encodes of one tokenizer object are never concurrent with each other.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
         self.special_ids: frozenset[int] = _special_token_ids(hf_tokenizer)
-        self._hf_literal = _literal_special_tokens(hf_tokenizer)
+        self._hf_literal = _settled(_literal_special_tokens(hf_tokenizer))
         self._backend_decode = _backend_decode(hf_tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+    def from_pretrained(cls, path: str | Path, *, workers: int = DEFAULT_WORKERS) -> Tokenizer:
         """Load with `AutoTokenizer.from_pretrained(path)` (a folder with tokenizer files)."""
         from transformers import AutoTokenizer  # heavy import, only where a tokenizer loads
 
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        return cls(AutoTokenizer.from_pretrained(str(path)), workers=workers)
 
     def encode_sync(self, text: str, add_special_tokens: bool = True, *,
                     parse_special_tokens: bool = True) -> list[int]:
@@ -62,7 +70,7 @@ class Tokenizer:
 
     async def encode(self, text: str, add_special_tokens: bool = True, *,
                      parse_special_tokens: bool = True) -> list[int]:
-        """Like `encode_sync`, on the worker thread when text is long."""
+        """Like `encode_sync`, on a worker thread when text is long."""
         if len(text) <= self._inline_max:
             return self.encode_sync(text, add_special_tokens,
                                     parse_special_tokens=parse_special_tokens)
@@ -82,7 +90,7 @@ class Tokenizer:
 
     async def offsets(self, text: str, *, parse_special_tokens: bool = True
                       ) -> list[tuple[int, int, int]]:
-        """Like `offsets_sync`, on the worker thread when text is long."""
+        """Like `offsets_sync`, on a worker thread when text is long."""
         call = functools.partial(self.offsets_sync, text,
                                  parse_special_tokens=parse_special_tokens)
         if len(text) <= self._inline_max:
@@ -103,7 +111,7 @@ class Tokenizer:
         return token_id in self.special_ids
 
     def close(self) -> None:
-        """Stop the worker thread (waits for an encode in progress)."""
+        """Stop the worker threads (waits for the encodes in progress)."""
         self._executor.shutdown(wait=True)
 
 
@@ -135,6 +143,15 @@ def _backend_decode(hf_tokenizer: Any) -> Any:
                 ids, skip_special_tokens=skip):
             return None
     return backend.decode
+
+
+def _settled(hf_tokenizer: Any) -> Any:
+    """The tokenizer, after one encode and one encode with offsets: whatever transformers
+    changes on the backend at a call (truncation and padding off, the special-tokens mode)
+    is changed now, on one thread, and later calls of the same kinds only read it."""
+    hf_tokenizer("a", add_special_tokens=True)
+    hf_tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
+    return hf_tokenizer
 
 
 def _literal_special_tokens(hf_tokenizer: Any) -> Any:

@@ -96,3 +96,37 @@ def test_decode_keeps_transformers_clean_up_where_it_applies() -> None:
     assert backend.decode(ids) != hf.decode(ids)     # the clean-up changes this text
     assert tokenizer._backend_decode is None
     assert tokenizer.decode(ids) == hf.decode(ids) == "a. b?"
+
+
+def test_parallel_workers_encode_both_modes_as_transformers_does() -> None:
+    # Several workers encode at once on the two shared copies (special tokens parsed or
+    # literal), with truncation set on the backend as some tokenizer files set it.
+    path = SHARED / "tokenizers" / "llama3"
+    if not path.is_dir():
+        pytest.skip(f"fixture tokenizer missing: {path}")
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(path))
+    hf.backend_tokenizer.enable_truncation(8)   # a call would have to turn it off first
+    tokenizer = Tokenizer(hf, workers=4, inline_encode_max_chars=10)
+    texts = [f"<|eot_id|> note {i}: " + "words and more words " * (20 + i) for i in range(24)]
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(*(
+            tokenizer.encode(text, parse_special_tokens=i % 2 == 0)
+            for i, text in enumerate(texts))))
+
+    try:
+        encoded = asyncio.run(main())
+    finally:
+        tokenizer.close()
+    reference = AutoTokenizer.from_pretrained(str(path))
+    for i, (text, ids) in enumerate(zip(texts, encoded)):
+        assert ids == reference(text, split_special_tokens=i % 2 == 1)["input_ids"]
+    assert min(map(len, encoded)) > 50   # not truncated to 8
+    eot = reference.convert_tokens_to_ids("<|eot_id|>")
+    assert eot in encoded[0] and eot not in encoded[1]
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        load("gpt2", workers=0)
