@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shardgen.router.scheduler import SCHEDULING_POLICIES
+from shardgen.router.tokenization import DEFAULT_WORKERS
 
 # TGI's default ceiling on the longest sequence when the model allows more.
 DEFAULT_MAX_TOTAL_TOKENS = 4096
@@ -65,8 +66,9 @@ class RouterConfig:
     # Parse special-token strings in `inputs` as the special tokens (TGI's behaviour);
     # False encodes them as plain text, so a prompt cannot forge control tokens.
     parse_special_tokens: bool = False
-    # Threads that encode long prompts, in parallel (one core each).
-    tokenizer_workers: int = 4
+    # Threads that encode long prompts, in parallel (one core each); see
+    # tokenization.DEFAULT_WORKERS for why one is the default.
+    tokenizer_workers: int = DEFAULT_WORKERS
     # Bearer token every API route requires; None leaves the API open.
     api_key: str | None = None
     otlp_endpoint: str | None = None

@@ -2,14 +2,14 @@
 
 Prompts are encoded exactly as `tokenizer(text)["input_ids"]` encodes them (BOS added when
 the tokenizer adds it by default), so that the server sees the ids transformers' own
-`generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on a
-few worker threads so that the event loop keeps streaming tokens meanwhile, one prompt
-per call: a burst's first prompts are admitted while the later ones encode (measured on
-an H100 box, encoding every waiting prompt in one `tokenizer(texts)` call made each wait
-for the whole burst: 250 ms from arrival to admission against 91). The Rust encode runs
-outside the GIL, so the workers encode in parallel, one core each (2,200-token prompts
-on two cores: 40 in 104 ms with two workers, 207 ms with one). Short prompts are encoded
-inline, where a thread hop would cost more than the encode.
+`generate` would see. Encoding a long prompt takes milliseconds of CPU; those run on
+worker threads (one by default) so that the event loop keeps streaming tokens meanwhile,
+one prompt per call: a burst's first prompts are admitted while the later ones encode
+(measured on an H100 box, encoding every waiting prompt in one `tokenizer(texts)` call
+made each wait for the whole burst: 250 ms from arrival to admission against 91). The
+Rust encode runs outside the GIL, so several workers encode in parallel, one core each
+(2,200-token prompts on two cores: 40 in 104 ms with two workers, 207 ms with one).
+Short prompts are encoded inline, where a thread hop would cost more than the encode.
 
 Special tokens written in the text ("</s>", "<|im_end|>") are parsed as those tokens by
 default, as transformers and TGI do; text that a client wrote and that must not be able
@@ -32,8 +32,12 @@ from typing import Any
 
 # Prompts longer than this (in characters) are encoded on a worker thread.
 INLINE_ENCODE_MAX_CHARS = 2048
-# Worker threads that encode long prompts (the router's --tokenizer-workers).
-DEFAULT_WORKERS = 4
+# Worker threads that encode long prompts (the router's --tokenizer-workers). One by
+# default: on an H100 box under the shared-prefix load (bursts of ~40 prompts of 2,176
+# tokens), four workers cut arrival-to-validated from 87 to 62 ms mean but raised the time
+# to first token from 230 / 122 ms (mean / median) to 332 / 263: the burst reached the
+# scheduler at once and waited for one long mixed step instead of several short ones.
+DEFAULT_WORKERS = 1
 
 
 class Tokenizer:
