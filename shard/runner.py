@@ -54,6 +54,7 @@ from shardgen.shard.outputs import (
 )
 from shardgen.shard.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
 from shardgen.shard.transfers import HostCopy, PinnedUpload, device_tensor
+from shardgen.shard.step_timing import DeviceSpan, StepTimeline
 from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class _AheadStep:
     picked: SampleOutput | None
     results: HostCopy | None
     launched_ns: int
+    span: DeviceSpan | None = None
 
     def rows_for(self, batch: DecodeBatch | None, new: Sequence[NewSequence]) -> list[int] | None:
         """This step's rows of `batch`'s requests, in `batch`'s order; None unless the step
@@ -186,6 +188,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self._upload = PinnedUpload(device)
+        self._timeline = StepTimeline(device, logger)
         # Honour run_ahead requests (None: where launches overlap the host, i.e. on CUDA).
         self.run_ahead = device.type == "cuda" if run_ahead is None else run_ahead
         # The step ahead, being launched on its own thread: a launch can stall on a busy
@@ -459,13 +462,15 @@ class ModelRunner:
         results: HostCopy | None = None
         if adopted is not None:
             assert ahead is not None
-            forward_started = ahead.launched_ns
+            forward_started, span = ahead.launched_ns, ahead.span
             if sampled is not None:
                 assert ahead.picked is not None and ahead.results is not None
                 picked, results = _select_rows(ahead.picked, adopted), ahead.results
         else:
             forward_started = time.perf_counter_ns()
+            span = self._timeline.begin()
             hidden, picked = self._compute(cache, inputs, sampled)
+            self._timeline.end(span)
             # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
             results = HostCopy(*_fields(picked)) if picked is not None else None
             prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
@@ -488,9 +493,10 @@ class ModelRunner:
         if logger.isEnabledFor(logging.DEBUG):
             marks.append(time.perf_counter_ns())
             logger.debug("step of %d rows and %d prompts: %s %.2f ms, next step launched in %.2f "
-                         "ms, results waited %.2f ms, committed in %.2f ms",
+                         "ms, results waited %.2f ms, committed in %.2f ms; %s",
                          len(sampled or ()), len(new), "adopted in" if adopted is not None else
-                         "laid out and launched in", *(np.diff(marks) / 1e6))
+                         "laid out and launched in", *(np.diff(marks) / 1e6),
+                         span.describe() if span is not None else "device not timed")
         return StepOutput(batch, generations, forward_ns)
 
     def _sampling_rows(self, batch_id: int, running: DecodeBatch | None,
@@ -549,9 +555,12 @@ class ModelRunner:
                 inputs = build_step(running, new, limits.block_size, self.device, sampled=batch,
                                     upload=self._upload)
                 launched = time.perf_counter_ns()
+                span = self._timeline.begin()
                 _, picked = self._compute(cache, inputs, batch)
+                self._timeline.end(span)
                 return _AheadStep(batch, _new_key(new), picked,
-                                  HostCopy(*_fields(picked)) if picked is not None else None, launched)
+                                  HostCopy(*_fields(picked)) if picked is not None else None,
+                                  launched, span)
         except Exception:
             logger.exception("launching the step ahead failed; the next call computes its own")
             self.run_ahead_counts["failed"] += 1
