@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 @dataclass(eq=False)
 class DeviceSpan:
     """The events of one step: its start and end, and the end of the step before it."""
@@ -22,9 +23,10 @@ class DeviceSpan:
     end: torch.cuda.Event | None = None
 
     def describe(self) -> str:
-        """"device ran X ms, idle Y ms before", once the step's end has passed (else "")."""
+        """How long the device ran the step and idled before it, once the step's end has
+        passed (a step whose results nobody waited for may still be running)."""
         if self.end is None or not self.end.query():
-            return ""
+            return "device still running it"
         text = f"device ran {self.start.elapsed_time(self.end):.2f} ms"
         if self.before is not None and self.before.query():
             text += f", idle {max(0.0, self.before.elapsed_time(self.start)):.2f} ms before"
