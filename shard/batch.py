@@ -381,13 +381,6 @@ def _stack_tables(tables: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _leading_ones(query_lens: np.ndarray) -> int:
-    """How many sequences at the front of the step bring one token each (the running rows,
-    laid out first)."""
-    others = np.flatnonzero(query_lens != 1)
-    return int(others[0]) if others.size else len(query_lens)
-
-
 def _to_device(layout: _Layout, tables: list[np.ndarray], upload: Upload) -> StepInputs:
     query_lens = np.concatenate(layout.query_lens)
     positions = np.concatenate(layout.positions)
@@ -406,7 +399,6 @@ def _to_device(layout: _Layout, tables: list[np.ndarray], upload: Upload) -> Ste
         seq_lens=seq_lens_t.to(torch.int32),
         cu_seqlens_q=cu_seqlens_t.to(torch.int32),
         max_seqlen_q=int(query_lens.max()),
-        max_seqlen_k=int(seq_lens.max()),
-        num_decodes=_leading_ones(query_lens))
+        max_seqlen_k=int(seq_lens.max()))
     return StepInputs(input_ids, positions_t, attn, sample_rows, draw_index, previous_tokens,
                       layout.prefill_spans)

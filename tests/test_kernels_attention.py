@@ -306,54 +306,6 @@ def test_empty_step() -> None:
     assert run(step, 1.0).shape == (0, 2, 16)
 
 
-@pytest.fixture
-def launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """(kernel, rows of q) of every attention launch."""
-    from shardgen.shard.kernels import attention as dispatch
-    seen: list[tuple[str, int]] = []
-    for name in ("launch_decode", "launch_prefill"):
-        real = getattr(dispatch, name)
-
-        def spy(q: torch.Tensor, *args: object, _real: object = real, _name: str = name) -> None:
-            seen.append((_name.removeprefix("launch_"), q.shape[0]))
-            _real(q, *args)  # type: ignore[operator]
-        monkeypatch.setattr(dispatch, name, spy)
-    return seen
-
-
-@needs_kernels
-@pytest.mark.usefixtures("nan_allocations")
-@pytest.mark.parametrize(("dtype", "window", "partitions"), [(torch.float32, 0, 3), (torch.float16, 6, 1)])
-def test_leading_decodes_of_a_mixed_step_take_the_decode_kernel(
-        launches: list[tuple[str, int]], dtype: torch.dtype, window: int, partitions: int) -> None:
-    """The running rows first (one token each), then prompts, a one-token chunk among them,
-    and padding rows past the last sequence: exact, the decodes in the decode kernel."""
-    step = make_step([40, 17, 3, 0, 25, 9], [1, 1, 1, 12, 7, 1], 4, 2, 32, 16, dtype)
-    real = step.q.shape[0]
-    pad_tokens(step, 5)
-    out = paged_attention(step.q, step.k_cache, step.v_cache, step.block_tables, step.seq_lens,
-                          step.cu_seqlens_q, step.max_seqlen_q, 0.3, window, 3,
-                          decode_config=DecodeConfig(block_n=16, num_partitions=partitions),
-                          prefill_config=SMALL_PREFILL)
-    assert launches == [("decode", 3), ("prefill", real + 5 - 3)]
-    assert torch.all(out[real:] == 0)
-    check(step, out, 0.3, window)
-
-
-@needs_kernels
-@pytest.mark.usefixtures("nan_allocations")
-def test_every_sequence_a_decode_with_padding_rows(launches: list[tuple[str, int]]) -> None:
-    """num_decodes == B with rows past the last sequence (T > B): the decode kernel, then
-    zeros from a prefill launch over no sequence."""
-    step = make_step([12, 30], [1, 1], 4, 2, 32, 16, torch.float32)
-    pad_tokens(step, 3)
-    out = paged_attention(step.q, step.k_cache, step.v_cache, step.block_tables, step.seq_lens,
-                          step.cu_seqlens_q, 1, 0.3, 0, 2, prefill_config=SMALL_PREFILL)
-    assert launches == [("decode", 2), ("prefill", 3)]
-    assert torch.all(out[2:] == 0)
-    check(step, out, 0.3)
-
-
 def _bad(step: Step, **changes: object) -> dict[str, object]:
     args: dict[str, object] = dict(
         q=step.q, k_cache=step.k_cache, v_cache=step.v_cache, block_tables=step.block_tables,
@@ -375,7 +327,6 @@ def test_rejects_bad_arguments() -> None:
         (dict(q=step.q[0]), r"\[T, Hq, D\]"),
         (dict(max_seqlen_q=0), "max_seqlen_q"),
         (dict(sliding_window=-1), "sliding_window"),
-        (dict(num_decodes=3), r"num_decodes must lie in \[0, 2\], got 3"),
     ]
     for changes, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -133,11 +133,3 @@ def test_metadata_follows_the_contract_slot_rule() -> None:
 def test_metadata_refuses_too_few_blocks() -> None:
     with pytest.raises(ValueError, match="9 tokens need 3 blocks, the sequence has 2"):
         make_attention_metadata([[1, 2]], cache_lens=[8], query_lens=[1], block_size=4)
-
-
-def test_metadata_counts_the_leading_single_token_sequences() -> None:
-    tables = [[1], [2, 6], [3, 4], [5]]
-    meta = make_attention_metadata(tables, [3, 5, 0, 2], [1, 1, 4, 1], 4)
-    assert meta.num_decodes == 2        # the last decode follows a prompt: not counted
-    assert make_attention_metadata(tables[:2], [3, 5], [1, 1], 4).num_decodes == 2
-    assert make_attention_metadata(tables[2:], [0, 2], [4, 1], 4).num_decodes == 0

@@ -47,7 +47,6 @@ def test_a_mixed_step_lays_out_decodes_then_prompt_chunks() -> None:
     assert step.attn.seq_lens.tolist() == [7, 4, 8, 3]
     assert step.attn.cu_seqlens_q.tolist() == [0, 1, 2, 6, 9]
     assert (step.attn.max_seqlen_q, step.attn.max_seqlen_k) == (4, 8)
-    assert step.attn.num_decodes == 2      # the running rows: the decode kernel's
     assert step.attn.block_tables.tolist() == [[3, 4, 0], [6, 9, 0], [7, 8, 5], [2, 0, 0]]
     assert step.attn.block_tables.dtype == torch.int32 and step.attn.seq_lens.dtype == torch.int32
     # Both decodes and the last prompt's last token sample; the unfinished chunk does not.

@@ -17,11 +17,6 @@ Semantics (identical to the torch reference in shard/layers/attention.py)
 Dispatch: max_seqlen_q == 1 with one row per sequence (T == B) is a decode step and takes
 the flash-decoding kernel (attention_decode); anything else takes the varlen prefill
 kernel (attention_prefill), which handles decodes mixed into a prefill batch as well.
-A mixed step whose first num_decodes sequences are known (on the host) to bring one token
-each gives those rows to the decode kernel and the rest to the prefill kernel: a prefill
-program walks a decode row's whole context for one token in a tile of many, which cost
-~1.7x the decode kernel's time on an H100 (NOTES, fourth pass). num_decodes must be 0
-in a CUDA graph's capture (replays have other splits).
 Nothing else reads max_seqlen_q: the prefill launch depends on shapes only, so one CUDA
 graph serves every step of its (T, B), and a bound above the real longest query is fine.
 There cu_seqlens_q[-1] may be below T (a step padded to its graph's T): rows past it come
@@ -29,7 +24,6 @@ out as zeros. Padding sequences (q_len 0, seq_len 0) may sit anywhere in the bat
 
 Preconditions the kernels cannot check without a device sync (so they do not):
 cu_seqlens_q[-1] == T for a decode step and <= T otherwise, max_seqlen_q >= every q_len_b,
-q_len_b == 1 for the first num_decodes sequences,
 seq_lens[b] >= q_len_b, and every block id used lies in [0, num_blocks). Block table rows
 only need to be valid up to each sequence's length; their width bounds the split of decode
 into partitions, so keep it near the batch's longest sequence.
@@ -67,7 +61,6 @@ def paged_attention(
     max_seqlen_q: int,
     scale: float,
     sliding_window: int = 0,
-    num_decodes: int = 0,
     *,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
@@ -82,19 +75,12 @@ def paged_attention(
     if q.shape[0] == 0:
         return out
     batch = seq_lens.shape[0]
-    require(0 <= num_decodes <= batch, f"num_decodes must lie in [0, {batch}], got {num_decodes}")
     if max_seqlen_q == 1 and q.shape[0] == batch:
         launch_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, out, decode_config)
-        return out
-    d = num_decodes
-    if d > 0:
-        launch_decode(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale, sliding_window,
-                      out[:d], decode_config)
-        cu_seqlens_q = cu_seqlens_q[d:] - d
-    launch_prefill(
-        q[d:], k_cache, v_cache, block_tables[d:], seq_lens[d:], cu_seqlens_q, scale, sliding_window,
-        out[d:], prefill_config,
-    )
+    else:
+        launch_prefill(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, out, prefill_config,
+        )
     return out
 
 

@@ -37,11 +37,6 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # [B+1] int32: prefix sums of new tokens per sequence
     max_seqlen_q: int
     max_seqlen_k: int
-    # The first num_decodes sequences bring one new token each, known on the host (a step's
-    # running rows come first): the Triton path attends them with the decode kernel and
-    # the rest with the prefill kernel. 0 says nothing (a CUDA graph's capture: its
-    # replays have other splits).
-    num_decodes: int = 0
 
 
 def make_attention_metadata(
@@ -75,7 +70,6 @@ def make_attention_metadata(
     cu_seqlens = [0]
     for new in query_lens:
         cu_seqlens.append(cu_seqlens[-1] + new)
-    leading_decodes = next((b for b, new in enumerate(query_lens) if new != 1), len(query_lens))
     return AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
@@ -83,7 +77,6 @@ def make_attention_metadata(
         cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
         max_seqlen_q=max(query_lens, default=0),
         max_seqlen_k=max(seq_lens, default=0),
-        num_decodes=leading_decodes,
     )
 
 
@@ -111,14 +104,13 @@ def paged_attention(
     max_seqlen_q: int,
     scale: float,
     sliding_window: int = 0,
-    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Causal attention of q [T, Hq, D] over the paged cache -> [T, Hq, D].
 
     Query heads share KV heads in groups of Hq // Hkv. sliding_window > 0 limits each
     query to the last `sliding_window` positions up to and including its own.
-    max_seqlen_q and num_decodes are not needed here (the Triton dispatch reads them to
-    pick its kernels; this path finds the decode rows itself).
+    max_seqlen_q is not needed here (the Triton dispatch reads it: 1 with one token per
+    sequence is a decode step).
     """
     out = torch.empty_like(q)
     starts = cu_seqlens_q.tolist()
@@ -246,5 +238,5 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         return self._paged_attention(
             q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.cu_seqlens_q,
-            attn.max_seqlen_q, self.scale, self.sliding_window, attn.num_decodes,
+            attn.max_seqlen_q, self.scale, self.sliding_window,
         )
