@@ -139,7 +139,6 @@ class _AheadStep:
             return None
         return rows
 
-
     def mismatch(self, batch: DecodeBatch | None, new: Sequence[NewSequence]) -> str:
         """Why `rows_for` found no rows (for the debug log)."""
         key = _new_key(new)
@@ -462,15 +461,15 @@ class ModelRunner:
         results: HostCopy | None = None
         if adopted is not None:
             assert ahead is not None
-            forward_started, span = ahead.launched_ns, ahead.span
+            forward_started, device_span = ahead.launched_ns, ahead.span
             if sampled is not None:
                 assert ahead.picked is not None and ahead.results is not None
                 picked, results = _select_rows(ahead.picked, adopted), ahead.results
         else:
             forward_started = time.perf_counter_ns()
-            span = self._timeline.begin()
+            device_span = self._timeline.begin()
             hidden, picked = self._compute(cache, inputs, sampled)
-            self._timeline.end(span)
+            self._timeline.end(device_span)
             # Queued behind the sampler; prompt log-probabilities (prefill only) run meanwhile.
             results = HostCopy(*_fields(picked)) if picked is not None else None
             prompt = prompt_logprobs(new, inputs.prefill_spans, hidden, self.model.compute_logits)
@@ -496,7 +495,7 @@ class ModelRunner:
                          "ms, results waited %.2f ms, committed in %.2f ms; %s",
                          len(sampled or ()), len(new), "adopted in" if adopted is not None else
                          "laid out and launched in", *(np.diff(marks) / 1e6),
-                         span.describe() if span is not None else "device not timed")
+                         device_span.describe() if device_span is not None else "device not timed")
         return StepOutput(batch, generations, forward_ns)
 
     def _sampling_rows(self, batch_id: int, running: DecodeBatch | None,
@@ -555,12 +554,12 @@ class ModelRunner:
                 inputs = build_step(running, new, limits.block_size, self.device, sampled=batch,
                                     upload=self._upload)
                 launched = time.perf_counter_ns()
-                span = self._timeline.begin()
+                device_span = self._timeline.begin()
                 _, picked = self._compute(cache, inputs, batch)
-                self._timeline.end(span)
+                self._timeline.end(device_span)
                 return _AheadStep(batch, _new_key(new), picked,
                                   HostCopy(*_fields(picked)) if picked is not None else None,
-                                  launched, span)
+                                  launched, device_span)
         except Exception:
             logger.exception("launching the step ahead failed; the next call computes its own")
             self.run_ahead_counts["failed"] += 1

@@ -140,7 +140,6 @@ def _gather_sequence(
     return k_cache[used].flatten(0, 1)[:seq_len], v_cache[used].flatten(0, 1)[:seq_len]
 
 
-
 def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int) -> torch.Tensor:
     """Which keys each query sees (broadcasting q_pos against k_pos)."""
     mask = k_pos <= q_pos
