@@ -8,7 +8,7 @@ size B (default 1, 32, 128) at a context of C tokens (default 1024) it reports:
 
   prefill   median wall time of one Prefill call of B prompts of C tokens (split into
             calls of at most --max-prefill-tokens), next to its floor:
-            max(FLOPs / bf16 matmul rate, weight bytes / bandwidth), with
+            max(FLOPs / bf16 (or fp8) matmul rate, weight bytes / bandwidth), with
             FLOPs = 2 * (linear weights) * tokens + 2 * lm_head * B (logits of the last
             token only) + 4 * layers * Hq * D * sum over prompts of L(L+1)/2 (causal QK, PV)
   decode    median wall time of one Decode call of B rows around context C, and the GPU
@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 
 from shardgen.proto import generate_pb2 as pb
-from shardgen.shard.config import KV_CACHE_DTYPES
+from shardgen.shard.config import KV_CACHE_DTYPES, QUANTIZE_CHOICES
 from shardgen.shard.cuda_graphs import GraphPolicy
 from shardgen.shard.kv_cache import kv_cache_dtype
+from shardgen.shard.layers.quant import fp8_linear, quantize_rows_fp8, quantize_weight_fp8
 from shardgen.shard.models import CausalLM, load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
 
@@ -62,11 +63,16 @@ def measure_bandwidth(device: torch.device, size_bytes: int = 4 << 30) -> float:
     return 2 * size_bytes / seconds
 
 
-def measure_matmul_rate(device: torch.device, n: int = 8192) -> float:
-    """FLOP/s of an n^3 bf16 matrix product on random data."""
+def measure_matmul_rate(device: torch.device, n: int = 8192, fp8: bool = False) -> float:
+    """FLOP/s of an n^3 bf16 matrix product on random data, or of the fp8 one --quantize fp8
+    runs (torch._scaled_mm with row-wise scales, shard/layers/quant.py)."""
     a = torch.randn((n, n), device=device, dtype=torch.bfloat16)
     b = torch.randn((n, n), device=device, dtype=torch.bfloat16)
-    return 2 * n**3 / _median_event_time(lambda: a @ b, repeats=20)
+    if not fp8:
+        return 2 * n**3 / _median_event_time(lambda: a @ b, repeats=20)
+    (a8, scale_a), (b8, scale_b) = quantize_rows_fp8(a), quantize_weight_fp8(b)
+    return 2 * n**3 / _median_event_time(
+        lambda: fp8_linear(a8, scale_a, b8, scale_b, None, torch.bfloat16), repeats=20)
 
 
 def _median_event_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -98,30 +104,34 @@ class Shapes:
     embedding_params: int
     lm_head_params: int
     linear_params: int      # every other weight (the layers' matmuls and norms)
+    linear_bytes: int       # their bytes (1 per projection weight with --quantize fp8)
 
     @classmethod
     def of(cls, model: CausalLM, kv_element_size: int | None = None) -> Shapes:
         embed = model.model.embed_tokens.weight
         head = model.lm_head.weight
         total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+        total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         tied = head.data_ptr() == embed.data_ptr()
+        head_params = 0 if tied else head.numel()
         config = model.config
         return cls(model.num_layers, config.num_attention_heads, model.num_kv_heads, model.head_dim,
                    embed.element_size(), kv_element_size or embed.element_size(), embed.numel(), head.numel(),
-                   total - embed.numel() - (0 if tied else head.numel()))
+                   total - embed.numel() - head_params,
+                   total_bytes - (embed.numel() + head_params) * embed.element_size())
 
     def kv_bytes_per_token(self) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * self.kv_element_size
 
     def decode_floor_s(self, batch: int, context: float, bandwidth: float) -> float:
-        weights = (self.linear_params + self.lm_head_params) * self.element_size
+        weights = self.linear_bytes + self.lm_head_params * self.element_size
         return (weights + batch * context * self.kv_bytes_per_token()) / bandwidth
 
     def prefill_floor_s(self, lengths: Sequence[int], matmul_rate: float, bandwidth: float) -> float:
         tokens = sum(lengths)
         attention = 4 * self.layers * self.q_heads * self.head_dim * sum(n * (n + 1) // 2 for n in lengths)
         flops = 2 * self.linear_params * tokens + 2 * self.lm_head_params * len(lengths) + attention
-        weights = (self.linear_params + self.lm_head_params) * self.element_size
+        weights = self.linear_bytes + self.lm_head_params * self.element_size
         return max(flops / matmul_rate, weights / bandwidth)
 
 
@@ -244,7 +254,7 @@ def prompts(count: int, length: int, vocab_size: int, seed: int) -> list[list[in
 def build_runner(args: argparse.Namespace, backend: str, graphs: bool, num_blocks: int | None,
                  max_batch: int, max_total: int, dtype: torch.dtype = torch.bfloat16) -> ModelRunner:
     device = torch.device("cuda", 0)
-    model = load_model(args.model, dtype=dtype, device=device, kernel_backend=backend)
+    model = load_model(args.model, dtype=dtype, device=device, kernel_backend=backend, quantize=args.quantize)
     runner = ModelRunner(model, ModelFacts.read(args.model, model),
                          MemoryPolicy(BLOCK_SIZE, 0, num_blocks, args.memory_fraction),
                          device=device, dtype=dtype, graphs=GraphPolicy(graphs, max(max_batch, 1)),
@@ -554,6 +564,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-fraction", type=float, default=0.9)
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="The KV cache's storage (fp8: e4m3, the floors count 1 byte per element).")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="Weights of the projections in fp8 (the floors count their bytes and the "
+                             "fp8 matmul rate).")
     parser.add_argument("--check-tokens", type=int, default=0,
                         help="Instead: compare N greedy tokens of Triton+graphs with the torch path.")
     parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -591,9 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=1))
     else:
         device = torch.device("cuda", 0)
-        hw = {"bandwidth": measure_bandwidth(device), "matmul_flops": measure_matmul_rate(device)}
+        fp8 = args.quantize == "fp8"
+        hw = {"bandwidth": measure_bandwidth(device), "matmul_flops": measure_matmul_rate(device, fp8=fp8)}
         print(f"{torch.cuda.get_device_name()}: copy {hw['bandwidth'] / 1e9:.0f} GB/s, "
-              f"bf16 matmul {hw['matmul_flops'] / 1e12:.0f} TFLOP/s")
+              f"{'fp8' if fp8 else 'bf16'} matmul {hw['matmul_flops'] / 1e12:.0f} TFLOP/s")
         batches = [int(b) for b in args.batch_sizes.split(",")]
         max_total = args.context + 2 * args.decode_steps + args.warmup_steps + 16
         runner = build_runner(args, args.kernel_backend, not args.no_cuda_graphs, None, max(batches), max_total)

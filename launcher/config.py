@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass, field
 
 from shardgen.router.scheduler import SCHEDULING_POLICIES
-from shardgen.shard.config import KV_CACHE_DTYPES
+from shardgen.shard.config import KV_CACHE_DTYPES, QUANTIZE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,9 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
                   help="Largest prefill or mixed step (tokens) replayed from a graph; 0: none."),
     ForwardedFlag("--kv-cache-dtype", type=str, choices=KV_CACHE_DTYPES,
                   help="KV cache storage: auto (the model's dtype) or fp8 (e4m3, unscaled: half the bytes)."),
+    ForwardedFlag("--quantize", type=str, choices=QUANTIZE_CHOICES,
+                  help="Quantize the projections' weights at load: fp8 (e4m3, per-channel scales; "
+                       "GEMMs on fp8 tensor cores)."),
     ForwardedFlag("--run-ahead", is_switch=True,
                   help="Launch each next decode step before answering (default on CUDA)."),
     ForwardedFlag("--no-run-ahead", is_switch=True, help="Run one step per call, nothing ahead."),

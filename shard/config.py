@@ -15,6 +15,7 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 _KERNEL_BACKENDS = ("auto", "triton", "torch")
 KV_CACHE_DTYPES = ("auto", "fp8")
+QUANTIZE_CHOICES = ("fp8",)   # shard/layers/quant.py (not imported here: it needs torch)
 _DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
@@ -49,6 +50,7 @@ class ShardConfig:
     cuda_graph_max_prefill_tokens: int = 2048
     run_ahead: bool = False             # launch the next decode before answering (generate.proto)
     kv_cache_dtype: str = "auto"        # "auto": the model's dtype | "fp8": float8 e4m3, unscaled
+    quantize: str | None = None         # "fp8": the projections' weights in e4m3 (shard/layers/quant.py)
 
     @property
     def socket_path(self) -> str:
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="What the KV cache stores: auto (the model's dtype) or fp8 (float8 "
                              "e4m3, unscaled: half the bytes per token, values saturate at +-448).")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="Quantize the projections' weights when loading: fp8 (float8 e4m3, a "
+                             "scale per output channel; inputs quantized per token) halves their "
+                             "bytes and runs the GEMMs on fp8 tensor cores, at some accuracy.")
     parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
     parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
     # Forwarded by the launcher with its router flags; accepted so that the command line
@@ -146,10 +152,13 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
            f"--cuda-graph-max-prefill-tokens must be >= 0, got {args.cuda_graph_max_prefill_tokens}")
     device_type = _resolve_device(args.device, cuda_available)
     kernel_backend = _resolve_kernel_backend(args.kernel_backend, device_type)
+    dtype = _resolve_dtype(args.dtype, device_type)
+    _check(args.quantize is None or device_type == "cpu" or dtype == "bfloat16",
+           f"--quantize {args.quantize} computes in bfloat16 on CUDA, got --dtype {dtype}")
     return ShardConfig(
         model_id=args.model_id,
         uds_path=args.uds_path,
-        dtype=_resolve_dtype(args.dtype, device_type),
+        dtype=dtype,
         device_type=device_type,
         block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes,
@@ -170,6 +179,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         run_ahead=device_type == "cuda" if args.run_ahead is None else args.run_ahead,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantize=args.quantize,
     )
 
 

@@ -46,10 +46,11 @@ def build_runner(config: ShardConfig) -> ModelRunner:
     dtype = getattr(torch, config.dtype)
     model = load_model(config.model_id, dtype=dtype, device=device, rank=config.rank,
                        world_size=config.world_size, process_group=process_group,
-                       kernel_backend=config.kernel_backend)
+                       kernel_backend=config.kernel_backend, quantize=config.quantize)
     facts = ModelFacts.read(config.model_id, model)
-    logger.info("loaded %s (%s, %s on %s, rank %d of %d)", config.model_id, facts.architecture,
-                config.dtype, device, config.rank, config.world_size)
+    logger.info("loaded %s (%s, %s%s on %s, rank %d of %d)", config.model_id, facts.architecture,
+                config.dtype, f", {config.quantize} weights" if config.quantize else "", device, config.rank,
+                config.world_size)
     memory = MemoryPolicy(config.block_size, config.kv_cache_bytes, config.num_blocks,
                           config.cuda_memory_fraction)
     graphs = GraphPolicy(config.cuda_graphs, config.cuda_graph_max_batch_size,

@@ -16,11 +16,11 @@ def test_defaults_forward_nothing() -> None:
 def test_set_flags_are_forwarded_to_the_process_that_uses_them() -> None:
     config = parse_args(["--model-id", "/m", "--max-batch-size", "8", "--disable-prefix-caching",
                          "--num-blocks", "64", "--waiting-served-ratio", "0.5", "--kv-cache-dtype", "fp8",
-                         "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces"])
+                         "--quantize", "fp8", "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces"])
     assert config.router_args == ("--max-batch-size", "8", "--waiting-served-ratio", "0.5",
                                   "--disable-prefix-caching",
                                   "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces")
-    assert config.shard_args == ("--num-blocks", "64", "--kv-cache-dtype", "fp8",
+    assert config.shard_args == ("--num-blocks", "64", "--kv-cache-dtype", "fp8", "--quantize", "fp8",
                                  "--otlp-endpoint", "http://127.0.0.1:4318/v1/traces")
 
 

@@ -19,12 +19,21 @@ def test_defaults_resolve_for_cpu() -> None:
     assert config.address == "unix:///tmp/sg-0"
     assert config.kv_cache_dtype == "auto"
     assert parse_config(BASE + ["--kv-cache-dtype", "fp8"], {}, cuda_available=False).kv_cache_dtype == "fp8"
+    assert config.quantize is None
+    assert parse_config(BASE + ["--quantize", "fp8"], {}, cuda_available=False).quantize == "fp8"
 
 
 def test_auto_picks_cuda_and_bfloat16_when_a_gpu_is_there() -> None:
     config = parse_config(BASE, {}, cuda_available=True)
     assert (config.device_type, config.dtype) == ("cuda", "bfloat16")
     assert parse_config(BASE + ["--dtype", "float16"], {}, cuda_available=True).dtype == "float16"
+    assert parse_config(BASE + ["--quantize", "fp8"], {}, cuda_available=True).quantize == "fp8"
+
+
+def test_fp8_weights_on_cuda_need_bfloat16() -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(BASE + ["--quantize", "fp8", "--dtype", "float16"], {}, cuda_available=True)
+    assert "--quantize fp8 computes in bfloat16 on CUDA, got --dtype float16" in str(raised.value)
 
 
 def test_environment_places_the_rank() -> None:

@@ -9,6 +9,10 @@ Named after what they shard (PyTorch weight layout [out, in]):
 
 A column-parallel layer feeds a row-parallel one, so a block costs one all-reduce.
 
+With `--quantize fp8` every layer's loaded weight is replaced by float8 e4m3 with one
+scale per output row (quantize_fp8, after loading; shard/layers/quant.py): a call then
+quantizes its input per token and multiplies on the fp8 tensor cores, whatever its rows.
+
 The matmul is F.linear (cuBLAS), except for decode-sized inputs on a model built with the
 Triton ops: up to SMALL_BATCH_MAX_ROWS rows go to ops.small_batch_linear, a kernel that
 streams W at memory speed where cuBLAS leaves bandwidth unused (shard/kernels/linear.py).
@@ -28,6 +32,7 @@ from torch import nn
 
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.ops import TORCH_OPS, Ops
+from shardgen.shard.layers.quant import FP8_CUDA_ALIGNMENT, fp8_linear, quantize_weight_fp8
 from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
 
 # Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
@@ -53,7 +58,7 @@ def small_batch_linear_for(ops: Ops, device: torch.device, dtype: torch.dtype) -
     return F.linear
 
 
-class _ParallelLinear(nn.Module):
+class ParallelLinear(nn.Module):
     """Holds a [out_local, in_local] weight and optional [out_local] bias."""
 
     def __init__(self, in_local: int, out_local: int, bias: bool, tp: TensorParallelGroup, ops: Ops) -> None:
@@ -67,12 +72,39 @@ class _ParallelLinear(nn.Module):
         else:
             self.bias = None
         self._small_batch_linear = small_batch_linear_for(ops, self.weight.device, self.weight.dtype)
+        # Set by quantize_fp8: the weight's per-row scales [1, out_local] and the input quantizer.
+        self.weight_scale: nn.Parameter | None = None
+        self._quantize_input: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         raise NotImplementedError
 
+    def quantize_fp8(self, quantize_input: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replaces the loaded weight by e4m3 with per-output-row scales; calls then quantize
+        their input with `quantize_input` (an Ops.quantize_fp8) and multiply in fp8.
+
+        On CUDA the weight's dimensions must be multiples of FP8_CUDA_ALIGNMENT and the model
+        bf16 (cuBLASLt's row-wise scaled GEMM); a ValueError says which layer breaks that.
+        """
+        weight = self.weight.data
+        if weight.is_cuda:
+            if weight.shape[0] % FP8_CUDA_ALIGNMENT or weight.shape[1] % FP8_CUDA_ALIGNMENT:
+                raise ValueError(f"--quantize fp8 needs weights whose dimensions are multiples of "
+                                 f"{FP8_CUDA_ALIGNMENT} on CUDA; this rank's {type(self).__name__} is "
+                                 f"{list(weight.shape)}")
+            if weight.dtype != torch.bfloat16:
+                raise ValueError(f"--quantize fp8 computes in bfloat16 on CUDA, the model is {weight.dtype}")
+        quantized, scale = quantize_weight_fp8(weight)
+        self.weight = nn.Parameter(quantized, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self._quantize_input = quantize_input
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in_local] @ weight^T (+ bias), by the small-batch linear for at most SMALL_BATCH_MAX_ROWS rows."""
+        """x [T, in_local] @ weight^T (+ bias): in fp8 once quantized, else by the small-batch
+        linear for at most SMALL_BATCH_MAX_ROWS rows and F.linear above."""
+        if self._quantize_input is not None:
+            x_q, x_scale = self._quantize_input(x)
+            return fp8_linear(x_q, x_scale, self.weight, self.weight_scale, bias, x.dtype)
         linear = self._small_batch_linear if x.shape[0] <= SMALL_BATCH_MAX_ROWS else F.linear
         return linear(x, self.weight, bias)
 
@@ -80,7 +112,7 @@ class _ParallelLinear(nn.Module):
         return self.matmul(x, self.bias)
 
 
-class ColumnParallelLinear(_ParallelLinear):
+class ColumnParallelLinear(ParallelLinear):
     """y[:, rank's columns] = x W_r^T: rank r keeps output rows [r*out/N, (r+1)*out/N)."""
 
     def __init__(
@@ -95,7 +127,7 @@ class ColumnParallelLinear(_ParallelLinear):
         param.data.copy_(loaded[self.tp.rank * size:(self.tp.rank + 1) * size])
 
 
-class MergedColumnParallelLinear(_ParallelLinear):
+class MergedColumnParallelLinear(ParallelLinear):
     """Several column-parallel projections of one input in one matmul.
 
     Rank r's weight is [part_0 rows of rank r; part_1 rows of rank r; ...]; shard id i
@@ -145,7 +177,7 @@ def check_head_split(num_heads: int, num_kv_heads: int, world_size: int) -> None
         )
 
 
-class QKVParallelLinear(_ParallelLinear):
+class QKVParallelLinear(ParallelLinear):
     """Query, key and value projections fused; rank r keeps its heads of each.
 
     Local layout of the output: [q heads of r | k heads of r | v heads of r], each head
@@ -195,7 +227,7 @@ class QKVParallelLinear(_ParallelLinear):
         param.data[offset:offset + count * d].copy_(loaded[first * d:(first + count) * d])
 
 
-class RowParallelLinear(_ParallelLinear):
+class RowParallelLinear(ParallelLinear):
     """y = sum over ranks of x_r W_r^T (+ bias): rank r keeps input columns of its share.
 
     The bias is replicated and added once, after the all-reduce.

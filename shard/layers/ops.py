@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shardgen.shard.layers import activation, attention, norm, rotary
+from shardgen.shard.layers import activation, attention, norm, quant, rotary
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -42,6 +42,8 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     # F.linear's contract, for the few rows of a decode step (layers/linear.py decides when).
     small_batch_linear: Callable[..., torch.Tensor]
+    # A projection's input [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]), per token (--quantize fp8).
+    quantize_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     graph_safe: bool   # no op reads a device value on the host: a step can be captured
 
 
@@ -54,6 +56,7 @@ TORCH_OPS = Ops(
     rotary_and_write_kv=rotary.rotary_and_write_kv,
     silu_and_mul=activation.silu_and_mul,
     small_batch_linear=F.linear,
+    quantize_fp8=quant.quantize_rows_fp8,
     graph_safe=False,
 )
 
@@ -66,6 +69,7 @@ def triton_ops() -> Ops:
     from shardgen.shard.kernels import kv_cache as k_kv_cache
     from shardgen.shard.kernels import linear as k_linear
     from shardgen.shard.kernels import norm as k_norm
+    from shardgen.shard.kernels import quant as k_quant
     from shardgen.shard.kernels import rotary as k_rotary
 
     return Ops(
@@ -77,6 +81,7 @@ def triton_ops() -> Ops:
         rotary_and_write_kv=k_rotary.rotary_and_write_kv,
         silu_and_mul=k_activation.silu_and_mul,
         small_batch_linear=k_linear.linear,
+        quantize_fp8=k_quant.quantize_rows_fp8,
         graph_safe=True,
     )
 

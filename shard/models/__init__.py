@@ -1,7 +1,8 @@
 """Model registry and loading: config.json's architecture picks the family.
 
     model = load_model(path, dtype=torch.bfloat16, device=torch.device("cuda", 0),
-                       rank=r, world_size=n, process_group=group, kernel_backend="auto")
+                       rank=r, world_size=n, process_group=group, kernel_backend="auto",
+                       quantize=None)   # or "fp8"
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch.distributed import ProcessGroup
 from transformers import AutoConfig, PretrainedConfig
 
 from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.layers.linear import ParallelLinear
 from shardgen.shard.layers.ops import select_ops
+from shardgen.shard.config import QUANTIZE_CHOICES
 from shardgen.shard.models.base import CausalLM
 from shardgen.shard.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from shardgen.shard.weights import iter_checkpoint
@@ -53,6 +56,7 @@ def load_model(
     world_size: int = 1,
     process_group: ProcessGroup | None = None,
     kernel_backend: str = "auto",
+    quantize: str | None = None,
 ) -> CausalLM:
     """Builds the model of a local HF folder (config.json + *.safetensors) for one rank.
 
@@ -62,6 +66,8 @@ def load_model(
     shard/layers/ops.py) picks the hot-path ops once, for every layer. Raises ValueError
     for an unsupported architecture, a model that cannot be split over world_size ranks,
     or a head size the Triton kernels cannot take when "triton" is asked for.
+    `quantize` "fp8" turns every projection's weight into e4m3 once it is loaded (see
+    shard/layers/quant.py); the embedding and the LM head keep `dtype`.
     """
     config = AutoConfig.from_pretrained(model_path)
     architectures = getattr(config, "architectures", None) or []
@@ -75,7 +81,19 @@ def load_model(
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp, ops)
     model.load_weights(iter_checkpoint(model_path))
+    if quantize is not None:
+        quantize_projections(model, quantize)
     return model.eval()
+
+
+def quantize_projections(model: CausalLM, quantize: str) -> None:
+    """Every tensor-parallel projection of `model` to `quantize` (QUANTIZE_CHOICES), one at a
+    time: the memory in use peaks at the unquantized model plus one projection's fp8 copy."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            module.quantize_fp8(model.ops.quantize_fp8)
 
 
 def _head_dim(config: PretrainedConfig) -> int:

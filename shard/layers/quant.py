@@ -1,0 +1,62 @@
+"""fp8 weights (`--quantize fp8`): the projections in float8 e4m3, computed on fp8 tensor cores.
+
+What a quantized linear computes (the contract the Triton kernels match):
+
+    weight  W [N, K] -> Wq = saturate(W * (448 / a_n)) in e4m3, s_n = a_n / 448, once at load,
+            a_n = max over k of |W[n, k]| (per output channel)
+    input   x [M, K] -> xq = saturate(x * (448 / b_m)) in e4m3, t_m = b_m / 448, at every call,
+            b_m = max over k of |x[m, k]| (per token, "dynamic")
+    output  y [m, n] = t_m * s_n * sum over k of xq[m, k] * Wq[n, k]  (+ bias[n])
+
+The sum runs on fp8 tensor cores through torch._scaled_mm with row-wise scales (cuBLASLt on
+CUDA), so an 8,192-token prefill's GEMMs take ~1.8x less time than in bf16 and a decode step
+reads half the weight bytes (benchmark/NOTES.md). Scales are fp32; a row whose largest
+magnitude is 0 gets the floor MIN_AMAX, so its scale stays finite and its values stay 0.
+This is what vLLM's `--quantization fp8` does with a bf16 checkpoint (per-channel weight
+scales, per-token activation scales); checkpoints stored in fp8 are not read.
+
+The products are exact in fp32 on both paths; the sums differ in order (and, on CUDA,
+accumulate with Hopper's fast fp8 accumulation), so the torch reference and the GPU agree to
+~1e-3 relative, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+# A row of zeros still gets a positive scale (its quantized values are all 0).
+MIN_AMAX = 1e-12
+# cuBLASLt's fp8 GEMM needs both dimensions of the weight to be multiples of 16.
+FP8_CUDA_ALIGNMENT = 16
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] e4m3, scale [M, 1] fp32) with x ~= xq * scale, per row (torch reference)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX)
+    # A tensor over a tensor: one correctly rounded division (a number over a tensor is
+    # computed by torch as reciprocal-then-multiply, two roundings, and the kernel would differ).
+    inverse = amax.new_full((), FP8_MAX) / amax
+    quantized = (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, amax / FP8_MAX
+
+
+def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (Wq [N, K] e4m3, scale [1, N] fp32), one scale per output channel."""
+    quantized, scale = quantize_rows_fp8(weight)
+    return quantized, scale.reshape(1, -1).contiguous()
+
+
+def fp8_linear(
+    x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(xq * x_scale) @ (Wq * weight_scale)^T (+ bias) in out_dtype, summed on fp8 tensor cores.
+
+    x_q [M, K] and weight [N, K] are e4m3, x_scale [M, 1] and weight_scale [1, N] fp32.
+    """
+    return torch._scaled_mm(
+        x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype,
+        use_fast_accum=x_q.is_cuda,
+    )
