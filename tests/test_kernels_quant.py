@@ -14,10 +14,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_env import DEVICE, gpu_only, needs_kernels  # noqa: E402
+from kernel_env import DEVICE, INTERPRETING, gpu_only, needs_kernels  # noqa: E402
 
 from shardgen.shard.distributed import TensorParallelGroup  # noqa: E402
+from shardgen.shard.kernels import activation as k_activation  # noqa: E402
+from shardgen.shard.kernels import norm as k_norm  # noqa: E402
 from shardgen.shard.kernels import quant as k_quant  # noqa: E402
+from shardgen.shard.layers import activation as torch_activation  # noqa: E402
+from shardgen.shard.layers import norm as torch_norm  # noqa: E402
 from shardgen.shard.layers import quant  # noqa: E402
 from shardgen.shard.layers.linear import ColumnParallelLinear  # noqa: E402
 
@@ -91,3 +95,45 @@ def test_gpu_fp8_projection_in_a_graph_is_near_the_float32_contract(rows: int) -
     assert torch.equal(captured, eager)
     # bf16 output (2^-8 relative) over Hopper's fast fp8 accumulation.
     torch.testing.assert_close(eager.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("inter", [8, 100, 4096, 20000])   # one pass up to 16384 columns, two above
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_fp8_is_silu_and_mul_then_quantize(inter: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(inter)
+    x = (torch.randn(5, 2 * inter, generator=gen) * 3).to(dtype).to(DEVICE)
+    fused = k_activation.silu_and_mul_fp8(x)
+    unfused = k_quant.quantize_rows_fp8(k_activation.silu_and_mul(x))
+    assert fused.values.shape == (5, inter) and fused.values.dtype == quant.FP8_DTYPE
+    assert torch.equal(fused.values.float(), unfused.values.float())
+    assert torch.equal(fused.scale, unfused.scale)
+    if not INTERPRETING:   # and near the torch ops (Triton's exp may differ from torch's by an ulp)
+        want = torch_activation.silu_and_mul_fp8(x.cpu())
+        torch.testing.assert_close(fused.scale.cpu(), want.scale)
+        step = want.values.float().abs() / 8 + 2**-9   # one e4m3 step
+        assert ((fused.values.cpu().float() - want.values.float()).abs() <= step).all()
+
+
+@pytest.mark.parametrize("hidden", [64, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_fp8_is_the_norm_then_quantize(hidden: int, dtype: torch.dtype, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(hidden)
+    x, residual = (torch.randn(2, 7, hidden, generator=gen) * 2).to(dtype).to(DEVICE).unbind(0)
+    weight = (1 + torch.randn(hidden, generator=gen) / 4).to(dtype).to(DEVICE)
+    if with_residual:
+        fused, summed = k_norm.fused_add_rms_norm_fp8(x, residual, weight, 1e-5)
+        normed, want_summed = k_norm.fused_add_rms_norm(x, residual, weight, 1e-5)
+        assert torch.equal(summed, want_summed)
+        reference, _ = torch_norm.fused_add_rms_norm_fp8(x.cpu(), residual.cpu(), weight.cpu(), 1e-5)
+    else:
+        fused = k_norm.rms_norm_fp8(x, weight, 1e-5)
+        normed = k_norm.rms_norm(x, weight, 1e-5)
+        reference = torch_norm.rms_norm_fp8(x.cpu(), weight.cpu(), 1e-5)
+    unfused = k_quant.quantize_rows_fp8(normed)
+    assert torch.equal(fused.values.float(), unfused.values.float())
+    assert torch.equal(fused.scale, unfused.scale)
+    if not INTERPRETING:   # and near the torch ops (rsqrt may differ by an ulp)
+        torch.testing.assert_close(fused.scale.cpu(), reference.scale)
+        step = reference.values.float().abs() / 8 + 2**-9
+        assert ((fused.values.cpu().float() - reference.values.float()).abs() <= step).all()

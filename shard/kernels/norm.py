@@ -10,6 +10,10 @@ Algorithm
       out    = weight * normed               in the promoted dtype of weight and x
   i.e. the normalised row is rounded to the model dtype BEFORE the weight multiplies it.
 
+The fp8 variants (`--quantize fp8`: the norm feeds a quantized projection) round the output
+to its dtype as above, then quantize the row as shard/layers/quant.py does (largest
+magnitude -> 448) and store e4m3 values and the row's fp32 scale instead.
+
 Memory floor (bytes, e = element size, T rows of H):
   rms_norm            2 * T * H * e + H * e_w
   fused_add_rms_norm  4 * T * H * e + H * e_w   (x, residual in; normed, sum out)
@@ -30,9 +34,11 @@ from shardgen.shard.kernels.checks import (
     next_power_of_2,
     require,
 )
+from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
 
 # Rows longer than this would spill registers in a one-pass kernel.
 MAX_HIDDEN = 65536
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -42,6 +48,7 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     sum_out_ptr,
+    scale_ptr,
     stride_x,
     stride_r,
     stride_o,
@@ -50,6 +57,10 @@ def _rms_norm_kernel(
     eps,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    MIN_AMAX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -66,6 +77,12 @@ def _rms_norm_kernel(
     normed = (x32 * (1.0 / tl.sqrt_rn(variance + eps))).to(x_ptr.dtype.element_ty)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = weight.to(tl.float32) * normed.to(tl.float32)
+    if FP8_OUT:
+        out = out.to(OUT_DTYPE).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(out), axis=0), MIN_AMAX)
+        inverse = tl.math.div_rn(tl.full((), FP8_MAX, tl.float32), amax)
+        tl.store(scale_ptr + row, tl.math.div_rn(amax, tl.full((), FP8_MAX, tl.float32)))
+        out = tl.clamp(out * inverse, -FP8_MAX, FP8_MAX)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -91,8 +108,35 @@ def fused_add_rms_norm(
     return out, summed
 
 
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Rows:
+    """rms_norm(x [T, H]) quantized per row to e4m3 (new values [T, H], scales [T, 1])."""
+    _check_norm_args(x, None, weight, eps)
+    check_dims("x", x, 2, "[T, H]")
+    out = _fp8_output(x)
+    _launch(x, None, weight, eps, out.values, None, out.scale)
+    return out
+
+
+def fused_add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[Fp8Rows, torch.Tensor]:
+    """(rms_norm(x + residual) quantized per row to e4m3, x + residual): fused_add_rms_norm
+    whose normed rows feed a quantized projection."""
+    _check_norm_args(x, residual, weight, eps)
+    check_dims("x", x, 2, "[T, H]")
+    out = _fp8_output(x)
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, residual, weight, eps, out.values, summed, out.scale)
+    return out, summed
+
+
 def _empty_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+
+
+def _fp8_output(x: torch.Tensor) -> Fp8Rows:
+    return Fp8Rows(torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device),
+                   torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
 
 
 def _launch(
@@ -102,8 +146,10 @@ def _launch(
     eps: float,
     out: torch.Tensor,
     summed: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
 ) -> None:
-    """One program per row; out and summed are fresh contiguous tensors shaped like x."""
+    """One program per row; out and summed are fresh contiguous tensors shaped like x. With
+    `scale` ([rows, 1] fp32) out is e4m3: the rows, rounded to the norm's dtype, quantized."""
     hidden = x.shape[-1]
     x2 = _rows(x)
     rows = x2.shape[0]
@@ -115,12 +161,17 @@ def _launch(
     block = next_power_of_2(hidden)
     # About 8 elements per thread (16 bytes at bf16), at most 16 warps.
     num_warps = min(16, max(1, block // 256))
+    norm_dtype = torch.promote_types(weight.dtype, x.dtype)
     _rms_norm_kernel[(rows,)](
-        x2, r2, weight, out2, s2,
+        x2, r2, weight, out2, s2, scale if scale is not None else out2,
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
         hidden, eps,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
+        OUT_DTYPE=_TL_DTYPES[norm_dtype],
+        FP8_OUT=scale is not None,
+        FP8_MAX=FP8_MAX,
+        MIN_AMAX=MIN_AMAX,
         num_warps=num_warps,
     )
 

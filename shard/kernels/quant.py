@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from shardgen.shard.kernels.checks import check_dims, check_float, check_last_dim_contiguous, next_power_of_2
-from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX
+from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
 
 # Rows up to this long stay in registers (Llama-3.1-8B's down_proj input: 14,336).
 MAX_ONE_PASS = 16384
@@ -58,7 +58,7 @@ def _quantize_rows_kernel(
             tl.store(out_row + k0 + cols, q.to(out_ptr.dtype.element_ty), mask=k0 + cols < K)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
     """x [M, K] -> (new xq [M, K] e4m3, new scale [M, 1] fp32), x ~= xq * scale per row.
 
     x's rows may be strided (dense along K). Launch parameters depend on the shape only:
@@ -71,7 +71,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
-        return out, scale
+        return Fp8Rows(out, scale)
     one_pass = k <= MAX_ONE_PASS
     block = next_power_of_2(max(k, 1)) if one_pass else BLOCK_K
     _quantize_rows_kernel[(m,)](
@@ -79,4 +79,4 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX, BLOCK=block, ONE_PASS=one_pass,
         num_warps=min(16, max(1, block // 512)),
     )
-    return out, scale
+    return Fp8Rows(out, scale)

@@ -32,7 +32,7 @@ from torch import nn
 
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.ops import TORCH_OPS, Ops
-from shardgen.shard.layers.quant import FP8_CUDA_ALIGNMENT, fp8_linear, quantize_weight_fp8
+from shardgen.shard.layers.quant import FP8_CUDA_ALIGNMENT, Fp8Rows, fp8_linear, quantize_weight_fp8
 from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
 
 # Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
@@ -72,14 +72,21 @@ class ParallelLinear(nn.Module):
         else:
             self.bias = None
         self._small_batch_linear = small_batch_linear_for(ops, self.weight.device, self.weight.dtype)
-        # Set by quantize_fp8: the weight's per-row scales [1, out_local] and the input quantizer.
+        # Set by quantize_fp8: the weight's per-row scales [1, out_local], the input quantizer
+        # and the output's dtype (the model's, that the weight had).
         self.weight_scale: nn.Parameter | None = None
-        self._quantize_input: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._quantize_input: Callable[[torch.Tensor], Fp8Rows] | None = None
+        self._out_dtype = self.weight.dtype
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         raise NotImplementedError
 
-    def quantize_fp8(self, quantize_input: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    @property
+    def quantized(self) -> bool:
+        """Whether quantize_fp8 ran: calls then also take inputs already quantized (Fp8Rows)."""
+        return self._quantize_input is not None
+
+    def quantize_fp8(self, quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> None:
         """Replaces the loaded weight by e4m3 with per-output-row scales; calls then quantize
         their input with `quantize_input` (an Ops.quantize_fp8) and multiply in fp8.
 
@@ -95,20 +102,22 @@ class ParallelLinear(nn.Module):
             if weight.dtype != torch.bfloat16:
                 raise ValueError(f"--quantize fp8 computes in bfloat16 on CUDA, the model is {weight.dtype}")
         quantized, scale = quantize_weight_fp8(weight)
+        self._out_dtype = weight.dtype
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self._quantize_input = quantize_input
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in_local] @ weight^T (+ bias): in fp8 once quantized, else by the small-batch
-        linear for at most SMALL_BATCH_MAX_ROWS rows and F.linear above."""
+    def matmul(self, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in_local] @ weight^T (+ bias): in fp8 once quantized (x as it comes, or already
+        quantized), else by the small-batch linear for at most SMALL_BATCH_MAX_ROWS rows and
+        F.linear above."""
         if self._quantize_input is not None:
-            x_q, x_scale = self._quantize_input(x)
-            return fp8_linear(x_q, x_scale, self.weight, self.weight_scale, bias, x.dtype)
+            rows = x if isinstance(x, Fp8Rows) else self._quantize_input(x)
+            return fp8_linear(rows.values, rows.scale, self.weight, self.weight_scale, bias, self._out_dtype)
         linear = self._small_batch_linear if x.shape[0] <= SMALL_BATCH_MAX_ROWS else F.linear
         return linear(x, self.weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
 
@@ -247,7 +256,7 @@ class RowParallelLinear(ParallelLinear):
         check_shape(loaded, [param.shape[0], size * self.tp.world_size])
         param.data.copy_(loaded[:, self.tp.rank * size:(self.tp.rank + 1) * size])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if self.tp.world_size == 1:
             return self.matmul(x, self.bias)
         y = self.tp.all_reduce(self.matmul(x, None))

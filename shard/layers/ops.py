@@ -42,8 +42,13 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     # F.linear's contract, for the few rows of a decode step (layers/linear.py decides when).
     small_batch_linear: Callable[..., torch.Tensor]
-    # A projection's input [M, K] -> (e4m3 [M, K], fp32 scales [M, 1]), per token (--quantize fp8).
-    quantize_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    # A projection's input [M, K] -> Fp8Rows (e4m3 [M, K], fp32 scales [M, 1]), per token
+    # (--quantize fp8); and silu_and_mul with its output so quantized (down_proj's input).
+    quantize_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
+    silu_and_mul_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
+    # The norms with their normed rows so quantized (a quantized qkv_proj's or gate_up_proj's input).
+    rms_norm_fp8: Callable[..., quant.Fp8Rows]
+    fused_add_rms_norm_fp8: Callable[..., tuple[quant.Fp8Rows, torch.Tensor]]
     graph_safe: bool   # no op reads a device value on the host: a step can be captured
 
 
@@ -57,6 +62,9 @@ TORCH_OPS = Ops(
     silu_and_mul=activation.silu_and_mul,
     small_batch_linear=F.linear,
     quantize_fp8=quant.quantize_rows_fp8,
+    silu_and_mul_fp8=activation.silu_and_mul_fp8,
+    rms_norm_fp8=norm.rms_norm_fp8,
+    fused_add_rms_norm_fp8=norm.fused_add_rms_norm_fp8,
     graph_safe=False,
 )
 
@@ -82,6 +90,9 @@ def triton_ops() -> Ops:
         silu_and_mul=k_activation.silu_and_mul,
         small_batch_linear=k_linear.linear,
         quantize_fp8=k_quant.quantize_rows_fp8,
+        silu_and_mul_fp8=k_activation.silu_and_mul_fp8,
+        rms_norm_fp8=k_norm.rms_norm_fp8,
+        fused_add_rms_norm_fp8=k_norm.fused_add_rms_norm_fp8,
         graph_safe=True,
     )
 

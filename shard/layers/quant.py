@@ -22,6 +22,8 @@ accumulate with Hopper's fast fp8 accumulation), so the torch reference and the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -32,14 +34,21 @@ MIN_AMAX = 1e-12
 FP8_CUDA_ALIGNMENT = 16
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class Fp8Rows(NamedTuple):
+    """Rows quantized per token: x ~= values * scale (a quantized projection takes these)."""
+
+    values: torch.Tensor   # [M, K] e4m3
+    scale: torch.Tensor    # [M, 1] fp32
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
     """x [M, K] -> (xq [M, K] e4m3, scale [M, 1] fp32) with x ~= xq * scale, per row (torch reference)."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX)
     # A tensor over a tensor: one correctly rounded division (a number over a tensor is
     # computed by torch as reciprocal-then-multiply, two roundings, and the kernel would differ).
     inverse = amax.new_full((), FP8_MAX) / amax
     quantized = (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return quantized, amax / FP8_MAX
+    return Fp8Rows(quantized, amax / FP8_MAX)
 
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: PretrainedConfig, bias: bool, tp: TensorParallelGroup, ops: Ops) -> None:
         super().__init__()
         self.silu_and_mul = ops.silu_and_mul
+        self.silu_and_mul_fp8 = ops.silu_and_mul_fp8
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; supported: 'silu'")
         size = config.intermediate_size
@@ -101,7 +102,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp, linear_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.quantized:   # --quantize fp8: the activation writes down_proj's fp8 input
+            return self.down_proj(self.silu_and_mul_fp8(gate_up))
+        return self.down_proj(self.silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -126,12 +130,14 @@ class LlamaDecoderLayer(nn.Module):
         attn: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, residual stream before it); the next norm adds them."""
+        # --quantize fp8: the norms write the quantized input of qkv_proj and gate_up_proj.
+        fp8 = self.self_attn.qkv_proj.quantized
         if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
+            hidden, residual = self.input_layernorm(hidden, fp8=fp8), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, fp8=fp8)
         hidden = self.self_attn(hidden, cos, sin, kv_cache, attn)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, fp8=fp8)
         return self.mlp(hidden), residual
 
 
