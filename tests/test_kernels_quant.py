@@ -131,8 +131,15 @@ def test_rms_norm_fp8_is_the_norm_then_quantize(hidden: int, dtype: torch.dtype,
         normed = k_norm.rms_norm(x, weight, 1e-5)
         reference = torch_norm.rms_norm_fp8(x.cpu(), weight.cpu(), 1e-5)
     unfused = k_quant.quantize_rows_fp8(normed)
-    assert torch.equal(fused.values.float(), unfused.values.float())
-    assert torch.equal(fused.scale, unfused.scale)
+    if dtype == torch.float32 and not INTERPRETING:
+        # In fp32 nothing rounds the normed rows to a coarser dtype, and the two kernels are
+        # compiled apart: the sum of squares may contract into FMAs differently (1 ulp).
+        torch.testing.assert_close(fused.scale, unfused.scale, rtol=2**-21, atol=0)
+        step = unfused.values.float().abs() / 8 + 2**-9
+        assert ((fused.values.float() - unfused.values.float()).abs() <= step).all()
+    else:
+        assert torch.equal(fused.values.float(), unfused.values.float())
+        assert torch.equal(fused.scale, unfused.scale)
     if not INTERPRETING:   # and near the torch ops (rsqrt may differ by an ulp)
         torch.testing.assert_close(fused.scale.cpu(), reference.scale)
         step = reference.values.float().abs() / 8 + 2**-9

@@ -4,6 +4,8 @@ The models have an uneven vocabulary (509 over 2 and 4 ranks), fewer KV heads th
 ranks (replication), and biases on every projection (the row-parallel bias must be added
 once). One spawn of 4 processes serves both sizes: world 4 is the default group, world 2
 runs on the sub-groups {0, 1} and {2, 3}, which also exercises an explicit process group.
+With `--quantize fp8` each rank quantizes its own slices (a row-parallel rank scales its
+part of each input row), so two ranks come near one process, not equal to it.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ CONFIGS = {
 }
 
 
+FP8_MODEL = "untied-gqa"
+
+
 def _sequences() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(5)
     return [torch.randint(0, 509, (n,), generator=generator) for n in (17, 11)]
 
 
-def _run(path: Path, rank: int = 0, world_size: int = 1, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+def _run(path: Path, rank: int = 0, world_size: int = 1, group: dist.ProcessGroup | None = None,
+         quantize: str | None = None) -> list[torch.Tensor]:
     model = load_model(path, dtype=torch.float32, device=torch.device("cpu"),
-                       rank=rank, world_size=world_size, process_group=group)
+                       rank=rank, world_size=world_size, process_group=group, quantize=quantize)
     return PagedDriver(model, _sequences(), block_size=4, seed=9).run(split_schedule(17, 11))
 
 
@@ -52,6 +58,8 @@ def _worker(rank: int, models: dict[str, Path], port: int, out_dir: Path) -> Non
         for name, path in models.items():
             torch.save(_run(path, rank, WORLD, world), out_dir / f"{name}-{WORLD}-{rank}.pt")
             torch.save(_run(path, rank % 2, 2, pairs[rank // 2]), out_dir / f"{name}-2-{rank}.pt")
+        torch.save(_run(models[FP8_MODEL], rank % 2, 2, pairs[rank // 2], quantize="fp8"),
+                   out_dir / f"{FP8_MODEL}-fp8-2-{rank}.pt")
     finally:
         destroy_distributed()
 
@@ -70,7 +78,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list
     for name, path in models.items():
         save_random_model(path, LlamaConfig(**CONFIGS[name]))
     mp.spawn(_worker, args=(models, _free_port(), root), nprocs=WORLD, join=True)
-    return root, {name: _run(path) for name, path in models.items()}
+    expected = {name: _run(path) for name, path in models.items()}
+    expected[f"{FP8_MODEL}-fp8"] = _run(models[FP8_MODEL], quantize="fp8")
+    return root, expected
 
 
 @pytest.mark.timeout(120)
@@ -83,6 +93,23 @@ def test_world_matches_single_process(runs, name: str, world_size: int) -> None:
         for ours, reference in zip(logits, expected[name], strict=True):
             assert ours.shape == reference.shape  # the full vocabulary on every rank
             torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_fp8_world_of_two_is_near_one_process(runs) -> None:
+    root, expected = runs
+    per_rank = [torch.load(root / f"{FP8_MODEL}-fp8-2-{rank}.pt") for rank in range(WORLD)]
+    for rank in range(1, WORLD):   # both groups, both ranks of each: the same logits
+        for ours, first in zip(per_rank[rank], per_rank[0], strict=True):
+            assert torch.equal(ours, first)
+    quantized, unquantized = expected[f"{FP8_MODEL}-fp8"], expected[FP8_MODEL]
+    for ours, reference, exact in zip(per_rank[0], quantized, unquantized, strict=True):
+        assert ours.shape == reference.shape
+        # Each way of quantizing errs by as much as the other, and less from the other than from exact.
+        single_error = (reference - exact).abs().mean()
+        assert single_error > 0   # the single process did quantize
+        assert (ours - exact).abs().mean() < 1.25 * single_error
+        assert (ours - reference).abs().mean() < single_error
 
 
 def test_single_process_needs_no_group() -> None:
