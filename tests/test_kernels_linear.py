@@ -20,6 +20,7 @@ from shardgen.shard.kernels.linear import (  # noqa: E402
     choose_split_k,
     default_linear_config,
     linear,
+    linear_fp8,
 )
 from shardgen.shard.layers.linear import (  # noqa: E402
     SMALL_BATCH_MAX_ROWS,
@@ -28,6 +29,7 @@ from shardgen.shard.layers.linear import (  # noqa: E402
     small_batch_linear_for,
 )
 from shardgen.shard.layers.ops import TORCH_OPS, triton_ops  # noqa: E402
+from shardgen.shard.layers.quant import fp8_linear, quantize_rows_fp8, quantize_weight_fp8  # noqa: E402
 from kernel_env import DEVICE, gpu_only, needs_kernels  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
@@ -250,3 +252,52 @@ def test_a_cuda_layer_built_with_triton_ops_uses_the_kernel() -> None:
         param.data.copy_(torch.randn(param.shape))
     x = torch.randn(SMALL_BATCH_MAX_ROWS, 256, device="cuda")
     assert torch.equal(layer(x), linear(x, layer.weight, layer.bias))
+
+
+FP8_CASES = {   # (rows, N, K, config): each kind of multiply, split and unsplit, ragged edges
+    "default": (1, 64, 512, None),
+    "dot": (16, 48, 64, LinearConfig(block_n=16, block_k=32)),
+    "dot-ragged": (5, 40, 96, LinearConfig(block_n=16, block_k=64)),
+    "dot-split2": (3, 32, 128, LinearConfig(block_n=16, block_k=32, split_k=2)),
+    "broadcast": (4, 40, 64, LinearConfig(block_n=8, block_k=32, use_dot=False, split_k=1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FP8_CASES))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_fp8_computes_the_scaled_product(case: str, with_bias: bool) -> None:
+    rows, n, k, config = FP8_CASES[case]
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x, weight = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen) / 10
+    (x_q, x_scale), (w_q, w_scale) = quantize_rows_fp8(x), quantize_weight_fp8(weight)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    want = (x_q.float() * x_scale) @ (w_q.float() * w_scale.T).T + (bias if with_bias else 0)
+    args = [t.to(DEVICE) if t is not None else None for t in (x_q, x_scale, w_q, w_scale, bias)]
+    got = linear_fp8(*args, torch.float32, config)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_linear_fp8_refuses_what_it_cannot_take() -> None:
+    x_q, x_scale = quantize_rows_fp8(torch.randn(2, 64))
+    w_q, w_scale = quantize_weight_fp8(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="x_q and weight must be torch.float8_e4m3fn"):
+        linear_fp8(x_q.float(), x_scale, w_q, w_scale, None, torch.float32)
+    with pytest.raises(ValueError, match=r"weight_scale must be a contiguous \[1, 8\] float32 tensor"):
+        linear_fp8(x_q, x_scale, w_q, w_scale.T, None, torch.float32)
+    with pytest.raises(ValueError, match=r"bias must be a contiguous \[8\] torch.bfloat16 tensor"):
+        linear_fp8(x_q, x_scale, w_q, w_scale, torch.zeros(8), torch.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("rows", [1, 4, 16, 32])
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1024, 4096)])
+def test_gpu_linear_fp8_is_near_cublas_at_real_sizes(rows: int, shape: tuple[int, int]) -> None:
+    n, k = shape
+    torch.manual_seed(rows)
+    x_q, x_scale = quantize_rows_fp8(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
+    w_q, w_scale = quantize_weight_fp8(torch.randn(n, k, device="cuda") / 50)
+    got = linear_fp8(x_q, x_scale, w_q, w_scale, None, torch.bfloat16)
+    want = (x_q.float() * x_scale) @ (w_q.float() * w_scale.T).T
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+    cublas = fp8_linear(x_q, x_scale, w_q, w_scale, None, torch.bfloat16)
+    torch.testing.assert_close(got.float(), cublas.float(), rtol=2e-2, atol=1e-2 * want.abs().max().item())

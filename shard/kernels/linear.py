@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from shardgen.shard.kernels.checks import (
+    FLOAT_DTYPES,
     check_dims,
     check_float,
     check_last_dim_contiguous,
@@ -57,6 +58,7 @@ from shardgen.shard.kernels.checks import (
     num_sms,
     require,
 )
+from shardgen.shard.layers.quant import FP8_DTYPE
 
 # No split is shorter than this many K elements: each must stream long enough to pay off.
 MIN_SPLIT_K = 512
@@ -103,6 +105,8 @@ CONFIG_TABLE: tuple[tuple[int | None, int, int, LinearConfig], ...] = (
 )
 # [64, 128] W tiles (16 KB at bf16) six deep in the pipeline: ~100 KB in flight per program.
 DEFAULT_CONFIG = LinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=6)
+# e4m3 weights (linear_fp8): tiles twice as long along K for the same bytes in flight.
+FP8_CONFIG = LinearConfig(block_n=64, block_k=256, num_warps=4, num_stages=6)
 
 
 def default_linear_config(m: int, n: int, k: int) -> LinearConfig:
@@ -146,6 +150,8 @@ def _linear_kernel(
     w_ptr,
     bias_ptr,
     out_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
     M,
     N,
     K,
@@ -160,9 +166,11 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """out[rows, cols] = x[rows] @ W[cols]^T (+ bias), or, when PARTIAL, the fp32 sum over
-    this program's K split into out[split, rows, cols] (out then is [splits, M, N])."""
+    this program's K split into out[split, rows, cols] (out then is [splits, M, N]). SCALED
+    (fp8 x and W): each product sum is multiplied by x_scale[row] * w_scale[col] first."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -193,6 +201,10 @@ def _linear_kernel(
             acc3 += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
+    if SCALED:
+        w_scale = tl.load(w_scale_ptr + offs_n % N)
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)
+        acc = acc * w_scale[:, None] * x_scale[None, :]
     store_ok = (offs_n < N)[:, None] & m_ok[None, :]
     if PARTIAL:
         out = out_ptr + pid_s.to(tl.int64) * M * N + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
@@ -264,10 +276,45 @@ def linear(
     if k == 0:
         return out.copy_(bias.expand(m, n)) if bias is not None else out.zero_()
     plan = plan_launch(m, n, k, x.element_size(), x.device, config)
+    _launch(x, weight, bias, out, None, None, plan)
+    return out
+
+
+def linear_fp8(
+    x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """shard/layers/quant.fp8_linear for few rows: (x_q * x_scale) @ (weight * weight_scale)^T
+    (+ bias) -> new [M, N] in out_dtype, streaming the e4m3 weight once (half bf16's bytes).
+
+    x_q [M, K] and weight [N, K] are e4m3 (x_q's rows may be strided, weight contiguous),
+    x_scale [M, 1] and weight_scale [1, N] fp32, bias [N] in out_dtype. The fp8 products are
+    summed in fp32 on the tensor cores, then scaled per row and column.
+    """
+    _check_fp8_args(x_q, x_scale, weight, weight_scale, bias, out_dtype)
+    m, k = x_q.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    plan = plan_launch(m, n, k, 1, x_q.device, config or FP8_CONFIG)
+    _launch(x_q, weight, bias, out, x_scale, weight_scale, plan)
+    return out
+
+
+def _launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+    x_scale: torch.Tensor | None, weight_scale: torch.Tensor | None, plan: LaunchPlan,
+) -> None:
+    """Runs the plan: the product into out, through fp32 partials and their sum when K is split."""
+    m, k = x.shape
+    n = weight.shape[0]
     cfg, splits = plan.config, plan.grid[1]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    scaled = x_scale is not None
     _linear_kernel[plan.grid](
         x, weight, bias if bias is not None else weight, target,
+        x_scale if scaled else weight, weight_scale if scaled else weight,
         m, n, k, x.stride(0), out.stride(0), plan.k_per_split,
         BLOCK_M=plan.block_m,
         BLOCK_N=cfg.block_n,
@@ -276,7 +323,8 @@ def linear(
         EVEN_K=k % cfg.block_k == 0,
         HAS_BIAS=bias is not None,
         PARTIAL=splits > 1,
-        DOT_PRECISION=dot_precision(x.dtype),
+        DOT_PRECISION=dot_precision(out.dtype),
+        SCALED=scaled,
         num_warps=cfg.num_warps,
         num_stages=plan.num_stages,
     )
@@ -286,7 +334,31 @@ def linear(
             target, bias if bias is not None else target, out, m, n,
             SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
         )
-    return out
+
+
+def _check_fp8_args(
+    x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> None:
+    check_dims("x_q", x_q, 2, "[M, K]")
+    check_dims("weight", weight, 2, "[N, K]")
+    require(x_q.dtype == weight.dtype == FP8_DTYPE, f"x_q and weight must be {FP8_DTYPE}, got {x_q.dtype} "
+                                                    f"and {weight.dtype}")
+    m, k = x_q.shape
+    n = weight.shape[0]
+    require(weight.shape[1] == k, f"x_q [M, K] has K={k}, weight [N, K] is {tuple(weight.shape)}")
+    require(x_scale.shape == (m, 1) and x_scale.dtype == torch.float32 and x_scale.is_contiguous(),
+            f"x_scale must be a contiguous [{m}, 1] float32 tensor, got {tuple(x_scale.shape)} {x_scale.dtype}")
+    require(weight_scale.shape == (1, n) and weight_scale.dtype == torch.float32 and weight_scale.is_contiguous(),
+            f"weight_scale must be a contiguous [1, {n}] float32 tensor, got {tuple(weight_scale.shape)} "
+            f"{weight_scale.dtype}")
+    check_last_dim_contiguous("x_q", x_q)
+    require(weight.is_contiguous(), f"weight must be contiguous, got strides {weight.stride()}")
+    require(out_dtype in FLOAT_DTYPES, f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    require(bias is None or (bias.shape == (n,) and bias.dtype == out_dtype and bias.is_contiguous()),
+            f"bias must be a contiguous [{n}] {out_dtype} tensor")
+    check_same_device(x_q=x_q, x_scale=x_scale, weight=weight, weight_scale=weight_scale,
+                      **({"bias": bias} if bias is not None else {}))
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

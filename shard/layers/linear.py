@@ -11,7 +11,10 @@ A column-parallel layer feeds a row-parallel one, so a block costs one all-reduc
 
 With `--quantize fp8` every layer's loaded weight is replaced by float8 e4m3 with one
 scale per output row (quantize_fp8, after loading; shard/layers/quant.py): a call then
-quantizes its input per token and multiplies on the fp8 tensor cores, whatever its rows.
+quantizes its input per token (unless it comes quantized) and multiplies on the fp8 tensor
+cores: cuBLASLt's scaled GEMM, or for up to SMALL_BATCH_MAX_ROWS rows on CUDA the Triton
+kernel's fp8 variant (ops.small_batch_linear_fp8), which streams the e4m3 weight nearer the
+copy floor than cuBLASLt does at decode sizes.
 
 The matmul is F.linear (cuBLAS), except for decode-sized inputs on a model built with the
 Triton ops: up to SMALL_BATCH_MAX_ROWS rows go to ops.small_batch_linear, a kernel that
@@ -72,6 +75,8 @@ class ParallelLinear(nn.Module):
         else:
             self.bias = None
         self._small_batch_linear = small_batch_linear_for(ops, self.weight.device, self.weight.dtype)
+        on_cuda = self.weight.device.type == "cuda"
+        self._small_batch_linear_fp8 = ops.small_batch_linear_fp8 if on_cuda else fp8_linear
         # Set by quantize_fp8: the weight's per-row scales [1, out_local], the input quantizer
         # and the output's dtype (the model's, that the weight had).
         self.weight_scale: nn.Parameter | None = None
@@ -113,7 +118,8 @@ class ParallelLinear(nn.Module):
         F.linear above."""
         if self._quantize_input is not None:
             rows = x if isinstance(x, Fp8Rows) else self._quantize_input(x)
-            return fp8_linear(rows.values, rows.scale, self.weight, self.weight_scale, bias, self._out_dtype)
+            fp8 = self._small_batch_linear_fp8 if rows.values.shape[0] <= SMALL_BATCH_MAX_ROWS else fp8_linear
+            return fp8(rows.values, rows.scale, self.weight, self.weight_scale, bias, self._out_dtype)
         linear = self._small_batch_linear if x.shape[0] <= SMALL_BATCH_MAX_ROWS else F.linear
         return linear(x, self.weight, bias)
 

@@ -42,6 +42,8 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     # F.linear's contract, for the few rows of a decode step (layers/linear.py decides when).
     small_batch_linear: Callable[..., torch.Tensor]
+    # quant.fp8_linear's contract, for the few rows of a decode step (--quantize fp8).
+    small_batch_linear_fp8: Callable[..., torch.Tensor]
     # A projection's input [M, K] -> Fp8Rows (e4m3 [M, K], fp32 scales [M, 1]), per token
     # (--quantize fp8); and silu_and_mul with its output so quantized (down_proj's input).
     quantize_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
@@ -61,6 +63,7 @@ TORCH_OPS = Ops(
     rotary_and_write_kv=rotary.rotary_and_write_kv,
     silu_and_mul=activation.silu_and_mul,
     small_batch_linear=F.linear,
+    small_batch_linear_fp8=quant.fp8_linear,
     quantize_fp8=quant.quantize_rows_fp8,
     silu_and_mul_fp8=activation.silu_and_mul_fp8,
     rms_norm_fp8=norm.rms_norm_fp8,
@@ -89,6 +92,7 @@ def triton_ops() -> Ops:
         rotary_and_write_kv=k_rotary.rotary_and_write_kv,
         silu_and_mul=k_activation.silu_and_mul,
         small_batch_linear=k_linear.linear,
+        small_batch_linear_fp8=k_linear.linear_fp8,
         quantize_fp8=k_quant.quantize_rows_fp8,
         silu_and_mul_fp8=k_activation.silu_and_mul_fp8,
         rms_norm_fp8=k_norm.rms_norm_fp8,
