@@ -274,7 +274,9 @@ def test_linear_fp8_computes_the_scaled_product(case: str, with_bias: bool) -> N
     want = (x_q.float() * x_scale) @ (w_q.float() * w_scale.T).T + (bias if with_bias else 0)
     args = [t.to(DEVICE) if t is not None else None for t in (x_q, x_scale, w_q, w_scale, bias)]
     got = linear_fp8(*args, torch.float32, config)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    # Exact fp32 sums in the interpreter; Hopper's fp8 MMA accumulates with fewer bits.
+    tolerance = 1e-5 if DEVICE == "cpu" else 2e-3
+    torch.testing.assert_close(got.cpu(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
 
 
 def test_linear_fp8_refuses_what_it_cannot_take() -> None:
