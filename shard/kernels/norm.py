@@ -34,6 +34,7 @@ from shardgen.shard.kernels.checks import (
     next_power_of_2,
     require,
 )
+from shardgen.shard.kernels.quant import store_fp8, store_row_scale
 from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
 
 # Rows longer than this would spill registers in a one-pass kernel.
@@ -79,11 +80,10 @@ def _rms_norm_kernel(
     out = weight.to(tl.float32) * normed.to(tl.float32)
     if FP8_OUT:
         out = out.to(OUT_DTYPE).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(out), axis=0), MIN_AMAX)
-        inverse = tl.math.div_rn(tl.full((), FP8_MAX, tl.float32), amax)
-        tl.store(scale_ptr + row, tl.math.div_rn(amax, tl.full((), FP8_MAX, tl.float32)))
-        out = tl.clamp(out * inverse, -FP8_MAX, FP8_MAX)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        inverse = store_row_scale(scale_ptr + row, tl.max(tl.abs(out), axis=0), FP8_MAX, MIN_AMAX)
+        store_fp8(out_ptr + row * stride_o + cols, out, inverse, mask, FP8_MAX)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
