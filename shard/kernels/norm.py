@@ -17,6 +17,7 @@ magnitude -> 448) and store e4m3 values and the row's fp32 scale instead.
 Memory floor (bytes, e = element size, T rows of H):
   rms_norm            2 * T * H * e + H * e_w
   fused_add_rms_norm  4 * T * H * e + H * e_w   (x, residual in; normed, sum out)
+  the fp8 variants    write the normed rows in 1 byte per element, plus 4 per row
 FLOPs ~ 4 * T * H: bandwidth-bound by three orders of magnitude.
 """
 

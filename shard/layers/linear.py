@@ -9,13 +9,6 @@ Named after what they shard (PyTorch weight layout [out, in]):
 
 A column-parallel layer feeds a row-parallel one, so a block costs one all-reduce.
 
-With `--quantize fp8` every layer's loaded weight is replaced by float8 e4m3 with one
-scale per output row (quantize_fp8, after loading; shard/layers/quant.py): a call then
-quantizes its input per token (unless it comes quantized) and multiplies on the fp8 tensor
-cores: cuBLASLt's scaled GEMM, or for up to SMALL_BATCH_MAX_ROWS rows on CUDA the Triton
-kernel's fp8 variant (ops.small_batch_linear_fp8), which streams the e4m3 weight nearer the
-copy floor than cuBLASLt does at decode sizes.
-
 The matmul is F.linear (cuBLAS), except for decode-sized inputs on a model built with the
 Triton ops: up to SMALL_BATCH_MAX_ROWS rows go to ops.small_batch_linear, a kernel that
 streams W at memory speed where cuBLAS leaves bandwidth unused (shard/kernels/linear.py).
@@ -23,6 +16,13 @@ Whether a layer can use it is decided once, when it is built on its device (load
 builds the model there); a call only compares its row count. The gain is on the device:
 a Triton launch costs more host time than cuBLAS's (~50 vs ~15-23 us measured on the
 H100 machine), so it pays inside CUDA graphs, less so in host-bound eager steps.
+
+With `--quantize fp8` every layer's loaded weight is replaced by float8 e4m3 with one
+scale per output row (quantize_fp8, after loading; shard/layers/quant.py): a call then
+quantizes its input per token (unless it comes quantized) and multiplies on the fp8 tensor
+cores: cuBLASLt's scaled GEMM, or for up to SMALL_BATCH_MAX_ROWS rows on CUDA the Triton
+kernel's fp8 variant (ops.small_batch_linear_fp8), which streams the e4m3 weight nearer the
+copy floor than cuBLASLt does at decode sizes.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class ParallelLinear(nn.Module):
 
     def quantize_fp8(self, quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> None:
         """Replaces the loaded weight by e4m3 with per-output-row scales; calls then quantize
-        their input with `quantize_input` (an Ops.quantize_fp8) and multiply in fp8.
+        their input with `quantize_input` (an Ops.quantize_rows_fp8) and multiply in fp8.
 
         On CUDA the weight's dimensions must be multiples of FP8_CUDA_ALIGNMENT and the model
         bf16 (cuBLASLt's row-wise scaled GEMM); a ValueError says which layer breaks that.

@@ -46,7 +46,7 @@ class Ops:
     small_batch_linear_fp8: Callable[..., torch.Tensor]
     # A projection's input [M, K] -> Fp8Rows (e4m3 [M, K], fp32 scales [M, 1]), per token
     # (--quantize fp8); and silu_and_mul with its output so quantized (down_proj's input).
-    quantize_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
+    quantize_rows_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
     silu_and_mul_fp8: Callable[[torch.Tensor], quant.Fp8Rows]
     # The norms with their normed rows so quantized (a quantized qkv_proj's or gate_up_proj's input).
     rms_norm_fp8: Callable[..., quant.Fp8Rows]
@@ -64,7 +64,7 @@ TORCH_OPS = Ops(
     silu_and_mul=activation.silu_and_mul,
     small_batch_linear=F.linear,
     small_batch_linear_fp8=quant.fp8_linear,
-    quantize_fp8=quant.quantize_rows_fp8,
+    quantize_rows_fp8=quant.quantize_rows_fp8,
     silu_and_mul_fp8=activation.silu_and_mul_fp8,
     rms_norm_fp8=norm.rms_norm_fp8,
     fused_add_rms_norm_fp8=norm.fused_add_rms_norm_fp8,
@@ -93,7 +93,7 @@ def triton_ops() -> Ops:
         silu_and_mul=k_activation.silu_and_mul,
         small_batch_linear=k_linear.linear,
         small_batch_linear_fp8=k_linear.linear_fp8,
-        quantize_fp8=k_quant.quantize_rows_fp8,
+        quantize_rows_fp8=k_quant.quantize_rows_fp8,
         silu_and_mul_fp8=k_activation.silu_and_mul_fp8,
         rms_norm_fp8=k_norm.rms_norm_fp8,
         fused_add_rms_norm_fp8=k_norm.fused_add_rms_norm_fp8,

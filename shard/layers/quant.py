@@ -8,8 +8,9 @@ What a quantized linear computes (the contract the Triton kernels match):
             b_m = max over k of |x[m, k]| (per token, "dynamic")
     output  y [m, n] = t_m * s_n * sum over k of xq[m, k] * Wq[n, k]  (+ bias[n])
 
-The sum runs on fp8 tensor cores through torch._scaled_mm with row-wise scales (cuBLASLt on
-CUDA), so an 8,192-token prefill's GEMMs take ~1.8x less time than in bf16 and a decode step
+The sum runs on fp8 tensor cores, through torch._scaled_mm with row-wise scales (cuBLASLt on
+CUDA) or, for a decode step's few rows on CUDA, the Triton small-batch kernel's fp8 variant
+(shard/kernels/linear.py), so an 8,192-token prefill's GEMMs take ~1.8x less time than in bf16 and a decode step
 reads half the weight bytes (benchmark/NOTES.md). Scales are fp32; a row whose largest
 magnitude is 0 gets the floor MIN_AMAX, so its scale stays finite and its values stay 0.
 This is what vLLM's `--quantization fp8` does with a bf16 checkpoint (per-channel weight

@@ -93,7 +93,7 @@ def quantize_projections(model: CausalLM, quantize: str) -> None:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     for module in model.modules():
         if isinstance(module, ParallelLinear):
-            module.quantize_fp8(model.ops.quantize_fp8)
+            module.quantize_fp8(model.ops.quantize_rows_fp8)
 
 
 def _head_dim(config: PretrainedConfig) -> int:
