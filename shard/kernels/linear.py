@@ -340,42 +340,38 @@ def _check_fp8_args(
     x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> None:
-    check_dims("x_q", x_q, 2, "[M, K]")
-    check_dims("weight", weight, 2, "[N, K]")
     require(x_q.dtype == weight.dtype == FP8_DTYPE, f"x_q and weight must be {FP8_DTYPE}, got {x_q.dtype} "
                                                     f"and {weight.dtype}")
-    m, k = x_q.shape
-    n = weight.shape[0]
-    require(weight.shape[1] == k, f"x_q [M, K] has K={k}, weight [N, K] is {tuple(weight.shape)}")
+    require(out_dtype in FLOAT_DTYPES, f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    _check_operands("x_q", x_q, weight, bias, out_dtype)
+    m, n = x_q.shape[0], weight.shape[0]
     require(x_scale.shape == (m, 1) and x_scale.dtype == torch.float32 and x_scale.is_contiguous(),
             f"x_scale must be a contiguous [{m}, 1] float32 tensor, got {tuple(x_scale.shape)} {x_scale.dtype}")
     require(weight_scale.shape == (1, n) and weight_scale.dtype == torch.float32 and weight_scale.is_contiguous(),
             f"weight_scale must be a contiguous [1, {n}] float32 tensor, got {tuple(weight_scale.shape)} "
             f"{weight_scale.dtype}")
-    check_last_dim_contiguous("x_q", x_q)
-    require(weight.is_contiguous(), f"weight must be contiguous, got strides {weight.stride()}")
-    require(out_dtype in FLOAT_DTYPES, f"out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
-    require(bias is None or (bias.shape == (n,) and bias.dtype == out_dtype and bias.is_contiguous()),
-            f"bias must be a contiguous [{n}] {out_dtype} tensor")
     check_same_device(x_q=x_q, x_scale=x_scale, weight=weight, weight_scale=weight_scale,
                       **({"bias": bias} if bias is not None else {}))
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    check_dims("x", x, 2, "[M, K]")
-    check_dims("weight", weight, 2, "[N, K]")
     check_float("x", x)
     require(weight.dtype == x.dtype, f"weight is {weight.dtype}, x is {x.dtype}: they must match")
-    require(
-        weight.shape[1] == x.shape[1], f"x [M, K] has K={x.shape[1]}, weight [N, K] is {tuple(weight.shape)}"
-    )
-    check_last_dim_contiguous("x", x)
+    _check_operands("x", x, weight, bias, x.dtype)
+    check_same_device(x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
+
+
+def _check_operands(x_name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> None:
+    """x [M, K] with dense rows against a contiguous weight [N, K], and a contiguous bias [N]
+    in out_dtype when there is one (linear's and linear_fp8's shared checks)."""
+    check_dims(x_name, x, 2, "[M, K]")
+    check_dims("weight", weight, 2, "[N, K]")
+    require(weight.shape[1] == x.shape[1],
+            f"{x_name} [M, K] has K={x.shape[1]}, weight [N, K] is {tuple(weight.shape)}")
+    check_last_dim_contiguous(x_name, x)
     require(weight.is_contiguous(), f"weight must be contiguous, got strides {weight.stride()}")
-    if bias is None:
-        check_same_device(x=x, weight=weight)
-        return
-    require(
-        bias.shape == (weight.shape[0],) and bias.dtype == x.dtype and bias.is_contiguous(),
-        f"bias must be a contiguous [{weight.shape[0]}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}",
-    )
-    check_same_device(x=x, weight=weight, bias=bias)
+    n = weight.shape[0]
+    if bias is not None:
+        require(bias.shape == (n,) and bias.dtype == out_dtype and bias.is_contiguous(),
+                f"bias must be a contiguous [{n}] {out_dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
