@@ -55,7 +55,14 @@ from shardgen.shard.outputs import (
 from shardgen.shard.sampling import SampleOutput, SamplingBatch, SamplingParams, sample
 from shardgen.shard.transfers import HostCopy, PinnedUpload, device_tensor
 from shardgen.shard.step_timing import DeviceSpan, StepTimeline
-from shardgen.shard.warmup import WarmupShape, cuda_num_blocks, graph_reserve_bytes, required_blocks
+from shardgen.shard.warmup import (
+    WarmupShape,
+    cuda_num_blocks,
+    gemm_row_counts,
+    graph_reserve_bytes,
+    required_blocks,
+    warm_projections,
+)
 
 logger = logging.getLogger(__name__)
 # A step's spans (children of the RPC's span; no-ops with tracing off): see _step.
@@ -225,7 +232,8 @@ class ModelRunner:
         # A varlen step holds at most the prefill budget plus one token per running request.
         graph_tokens = min(self.graph_policy.max_prefill_tokens,
                            request.max_batch_prefill_tokens + request.max_batch_size)
-        num_blocks = self._measure_num_blocks(shape, graph_batch, graph_tokens)
+        num_blocks = self._measure_num_blocks(shape, graph_batch, graph_tokens, request.max_batch_size,
+                                              request.max_batch_prefill_tokens)
         needed = required_blocks(request.max_total_tokens, self.spec.block_size)
         if self.memory.num_blocks is not None:
             num_blocks = self.memory.num_blocks
@@ -249,27 +257,46 @@ class ModelRunner:
             if graph_tokens:
                 self.prefill_graphs = PrefillGraphs.capture(self.model, self.cache, graph_tokens,
                                                             request.max_batch_size, table_width, pool)
-        if self.device.type == "cuda":
-            self._warm_sampler(request.max_batch_size)
         return generate_pb2.WarmupResponse(num_blocks=num_blocks, block_size=self.spec.block_size)
 
-    def _warm_sampler(self, max_rows: int) -> None:
-        """Compile the sampler's kernels now rather than at the first requests: Triton
-        compiles per launch constants that follow the number of rows (the greedy pick
-        splits each row in fewer chunks as rows grow), so a greedy and a sampled batch of
-        every decode bucket size run once (a fresh H100 paid ~1 s at a first request)."""
-        vocab_size = self.facts.vocab_size
-        for rows in bucket_sizes(max(max_rows, 1)):
-            logits = torch.zeros((rows, vocab_size), dtype=torch.float32, device=self.device)
-            index = torch.zeros(rows, dtype=torch.int64, device=self.device)
-            for params in (SamplingParams(), SamplingParams(do_sample=True, top_k=50, top_p=0.9)):
-                sample(logits, SamplingBatch([params] * rows, vocab_size, self.device), index, index)
-        torch.cuda.synchronize(self.device)
+    def _load_kernels(self, max_rows: int, prefill_tokens: int) -> None:
+        """Run the GEMMs and the sampler at every size a step may give them, so that no step
+        meets a kernel for the first time while serving.
 
-    def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int, graph_tokens: int) -> int:
+        cuBLAS picks a different kernel for many row counts and loads each at its first use,
+        and the load waits until the device has run everything queued: while serving, the
+        launch of the step ahead then stalls until the device drains, which idled it ~10 ms
+        before each prefill step of a 256-request load, the LM head meeting a new row count
+        every step (CUDA_MODULE_LOADING=EAGER does not change it; benchmark/NOTES.md, ninth
+        pass). Triton compiles a kernel's variant at its first launch with new constants
+        (the greedy pick's split count follows the row count; a fresh H100 paid ~1 s at a
+        first request). So: every projection at each row count of `gemm_row_counts`, the LM
+        head and the greedy pick at every row count, a sampled pick at each bucket size.
+        """
+        started = time.perf_counter()
+        counts = gemm_row_counts(max_rows, prefill_tokens)
+        distinct = warm_projections(self.model, counts, self.dtype)
+        vocab_size = self.facts.vocab_size
+        hidden = torch.zeros((max_rows, self.model.config.hidden_size), dtype=self.dtype, device=self.device)
+        index = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        sampled = set(bucket_sizes(max_rows))
+        for rows in range(1, max_rows + 1):
+            logits = self.model.compute_logits(hidden[:rows])
+            for params in [SamplingParams()] + ([SamplingParams(do_sample=True, top_k=50, top_p=0.9)]
+                                                if rows in sampled else []):
+                sample(logits, SamplingBatch([params] * rows, vocab_size, self.device), index[:rows], index[:rows])
+        torch.cuda.synchronize(self.device)
+        logger.info("warm-up: ran %d distinct projections at %d row counts (1-%d, %d-%d), the LM head and "
+                    "sampler at 1-%d rows, in %.1f s", distinct, len(counts), max_rows, prefill_tokens,
+                    prefill_tokens + max_rows, max_rows, time.perf_counter() - started)
+
+    def _measure_num_blocks(self, shape: WarmupShape, graph_batch: int, graph_tokens: int,
+                            max_rows: int, prefill_tokens: int) -> int:
         """Run the warm-up step on a temporary cache; blocks the real one may have (leaving
         room for the decode graphs of up to `graph_batch` rows and the varlen graphs of up
-        to `graph_tokens` tokens when they are on)."""
+        to `graph_tokens` tokens when they are on). On CUDA the kernels that steps of up to
+        `max_rows` rows and `prefill_tokens` prompt tokens meet are loaded before measuring,
+        so that the memory they take counts."""
         is_cuda = self.device.type == "cuda"
         if is_cuda:
             torch.cuda.empty_cache()
@@ -281,6 +308,7 @@ class ModelRunner:
                                             sampled=sampled), sampled)
         if not is_cuda:
             return self.spec.blocks_for_bytes(self.memory.kv_cache_bytes)
+        self._load_kernels(max_rows, prefill_tokens)
         config = self.model.config
         reserve = graph_reserve_bytes(graph_batch, self.facts.vocab_size, config.hidden_size, graph_tokens,
                                       getattr(config, "intermediate_size", 4 * config.hidden_size)) \

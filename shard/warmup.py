@@ -4,18 +4,27 @@ On CUDA the step runs against a small temporary cache while the allocator record
 peak; the real cache then takes what is left of `cuda_memory_fraction` of the device,
 less what the decode CUDA graphs will hold (captured after the cache, so estimated).
 On CPU the cache is `kv_cache_bytes` large. `--num-blocks` overrides both.
+
+On CUDA warm-up also runs every projection at each row count a step may give it
+(`gemm_row_counts`, `warm_projections`): cuBLAS picks a different kernel for many row
+counts and loads each at its first use, and that load waits until the device has run
+everything queued. While serving, that would stall the launch of the step ahead until the
+device drains (benchmark/NOTES.md, ninth pass), once per kernel.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from shardgen.shard.batch import NewSequence, StoppingParams
 from shardgen.shard.kv_cache import KVCacheSpec
+from shardgen.shard.layers.linear import ParallelLinear
 from shardgen.shard.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -115,3 +124,31 @@ def cuda_num_blocks(spec: KVCacheSpec, device: torch.device, memory_fraction: fl
 def required_blocks(max_total_tokens: int, block_size: int) -> int:
     """Blocks one longest sequence needs, plus reserved block 0."""
     return 1 + math.ceil(max_total_tokens / block_size)
+
+
+def gemm_row_counts(max_batch_size: int, max_prefill_tokens: int) -> list[int]:
+    """Row counts at which warm-up runs every projection: each batch size a decode step may
+    have, and each token count of a full prefill step (the budget, plus up to one token for
+    each running request). Partial prefill steps between the two meet their kernels while
+    serving, or run as varlen CUDA graphs, which load theirs when captured."""
+    return sorted(set(range(1, max_batch_size + 1))
+                  | set(range(max_prefill_tokens, max_prefill_tokens + max_batch_size + 1)))
+
+
+def warm_projections(model: nn.Module, row_counts: Iterable[int], dtype: torch.dtype) -> int:
+    """Run each distinct projection of `model` once at every row count (layers whose weights
+    have one shape and dtype run the same kernels); returns how many distinct ones there are.
+
+    The inputs are zeros of `dtype` (which kernel cuBLAS picks depends on the shapes only);
+    only the local product runs, no collective, so ranks need not call this in step.
+    """
+    distinct: dict[tuple[object, ...], ParallelLinear] = {}
+    for module in model.modules():
+        if isinstance(module, ParallelLinear):
+            distinct.setdefault((tuple(module.weight.shape), module.weight.dtype, module.bias is not None), module)
+    counts = sorted(set(row_counts))
+    for layer in distinct.values():
+        inputs = torch.zeros((counts[-1], layer.weight.shape[1]), dtype=dtype, device=layer.weight.device)
+        for rows in counts:
+            layer.matmul(inputs[:rows], layer.bias)
+    return len(distinct)

@@ -1,4 +1,5 @@
-"""Warm-up: the shape of the step it runs and how many KV blocks it allocates."""
+"""Warm-up: the shape of the step it runs, how many KV blocks it allocates, and (CUDA) the
+kernels it loads so that no step waits for a first use while serving."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from kernel_env import gpu_only
+from test_model_harness import save_random_model
+from transformers import LlamaConfig
+
 from shardgen.proto import generate_pb2
 from shardgen.shard.interceptor import CapacityError, NotReadyError
+from shardgen.shard.layers.linear import ParallelLinear
 from shardgen.shard.models import load_model
 from shardgen.shard.runner import MemoryPolicy, ModelFacts, ModelRunner
-from shardgen.shard.warmup import WarmupShape, required_blocks
+from shardgen.shard.sampling import SamplingBatch, SamplingParams, sample
+from shardgen.shard.warmup import WarmupShape, gemm_row_counts, required_blocks, warm_projections
 
 from shard_rpc import STORIES
 
@@ -74,3 +81,59 @@ def test_a_cache_too_small_for_one_sequence_is_an_error(model: torch.nn.Module) 
     runner = _runner(model, kv_cache_bytes=5 * 20480)  # 5 blocks; 128 tokens need 1 + 8
     with pytest.raises(CapacityError, match="fits 5 blocks of 16 tokens, fewer than the 9"):
         runner.warmup(WARMUP)
+
+
+def test_projections_warm_at_every_decode_batch_and_full_prefill_size() -> None:
+    assert gemm_row_counts(4, 10) == [1, 2, 3, 4, 10, 11, 12, 13, 14]
+    assert gemm_row_counts(4, 3) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_each_distinct_projection_runs_once_per_row_count(model: torch.nn.Module,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[tuple[int, ...], int]] = []
+    matmul = ParallelLinear.matmul
+
+    def spy(self: ParallelLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = matmul(self, x, bias)
+        assert out.shape == (x.shape[0], self.weight.shape[0])
+        calls.append((tuple(self.weight.shape), x.shape[0]))
+        return out
+
+    monkeypatch.setattr(ParallelLinear, "matmul", spy)
+    # stories260K: 5 layers of q/k/v, o, gate/up and down projections; o is as wide as it is
+    # tall, the other three differ.
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, ParallelLinear)}
+    assert len(shapes) == 4
+    assert warm_projections(model, [3, 1, 7, 3], torch.float32) == 4
+    assert sorted(calls) == sorted((shape, rows) for shape in shapes for rows in (1, 3, 7))
+
+
+@gpu_only
+def test_after_warmup_no_step_size_waits_for_a_kernel_to_load(tmp_path) -> None:
+    """cuBLAS loads a kernel at its first use once the device is idle, and Triton compiles a
+    variant at its first launch: either would let the work queued before finish meanwhile."""
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024)
+    save_random_model(tmp_path, config)
+    cuda = torch.device("cuda")
+    model = load_model(tmp_path, dtype=torch.bfloat16, device=cuda)
+    runner = ModelRunner(model, ModelFacts.read(tmp_path, model), MemoryPolicy(16, 0, None, 0.5),
+                         device=cuda, dtype=torch.bfloat16)
+    rows, budget = 24, 300
+    runner.warmup(generate_pb2.WarmupRequest(max_batch_prefill_tokens=budget, max_batch_size=rows,
+                                             max_total_tokens=512))
+    busy = torch.randn(8192, 8192, device=cuda, dtype=torch.bfloat16)
+    busy @ busy
+    torch.cuda.synchronize()
+    for _ in range(100):   # ~150 ms of matmuls queued ahead of the calls below
+        busy @ busy
+    queued = torch.cuda.Event()
+    queued.record()
+    warm_projections(model, gemm_row_counts(rows, budget), torch.bfloat16)
+    hidden = torch.zeros((rows, config.hidden_size), dtype=torch.bfloat16, device=cuda)
+    index = torch.zeros(rows, dtype=torch.int64, device=cuda)
+    for n in range(1, rows + 1):
+        logits = model.compute_logits(hidden[:n])
+        sample(logits, SamplingBatch([SamplingParams()] * n, config.vocab_size, cuda), index[:n], index[:n])
+    assert not queued.query(), "a call waited for the device: its kernel was not loaded at warm-up"
+    torch.cuda.synchronize()
