@@ -28,7 +28,8 @@ import pytest
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one H100/H200 block may use (227 KB)
 # PTX opcodes worth counting: scalar or vector global loads, async copies, tensor-core ops.
 OPCODES = re.compile(
-    r"\b(ld\.global(?:\.nc)?(?:\.v\d)?\.[bfsu]\d+|cp\.async\.c[ag]\.shared\.global|wgmma\.mma_async|mma\.sync)"
+    r"\b(ld\.global(?:\.nc)?(?:\.v\d)?\.[bfsu]\d+|cp\.async\.c[ag]\.shared\.global|wgmma\.mma_async|mma\.sync"
+    r"|griddepcontrol\.\w+)"
 )
 
 
@@ -171,7 +172,12 @@ def _compile(launch: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    print(json.dumps([_compile(launch) for launch in _capture_launches()]))
+    launches = _capture_launches()
+    # The kernels a decode step runs also launch with programmatic dependent launch on
+    # Hopper (CPU tensors say no): each such launch once more with it on.
+    dependent = [dict(launch, kwargs=dict(launch["kwargs"], USE_PDL=True), tag=launch["tag"] + " pdl")
+                 for launch in launches if "USE_PDL" in launch["kwargs"]]
+    print(json.dumps([_compile(launch) for launch in launches + dependent]))
 
 
 def _nvidia_backend_available() -> bool:
@@ -208,13 +214,29 @@ def test_every_launch_compiles_within_shared_memory(compiled: list[dict[str, Any
         assert c["shared"] <= SHARED_MEMORY_LIMIT, c
 
 
+def test_dependent_launches_wait_for_the_kernel_before(compiled: list[dict[str, Any]]) -> None:
+    """With USE_PDL every program waits for the kernel queued before (griddepcontrol.wait)
+    and then releases the next one; without it neither instruction is there."""
+    dependent = {c["kernel"] for c in compiled if c["tag"].endswith(" pdl")}
+    assert dependent == {
+        "_decode_partition_kernel", "_decode_reduce_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
+        "_rotary_write_kv_kernel", "_linear_kernel", "_sum_splits_kernel",
+    }
+    for c in compiled:
+        ops = c["opcodes"]
+        if c["tag"].endswith(" pdl"):
+            assert ops.get("griddepcontrol.wait", 0) >= 1 and ops.get("griddepcontrol.launch_dependents", 0) >= 1, c
+        else:
+            assert not any(op.startswith("griddepcontrol") for op in ops), c
+
+
 def test_the_linear_streams_w_in_16_byte_pieces(compiled: list[dict[str, Any]]) -> None:
     """The small-batch linear pipelines W through cp.async on the tensor-core path; the
     broadcast path (one row, narrow tiles) loads it in 16-byte vectors."""
     linears = [c for c in compiled if c["kernel"] == "_linear_kernel"]
-    assert len(linears) == 4
+    assert len(linears) == 8  # each with and without dependent launch
     for c in linears:
-        opcode = "ld.global.v4.b32" if c["tag"] == "linear broadcast" else "cp.async.cg.shared.global"
+        opcode = "ld.global.v4.b32" if c["tag"].startswith("linear broadcast") else "cp.async.cg.shared.global"
         assert c["opcodes"].get(opcode, 0) > 0, c
 
 

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from shardgen.shard.kernels.checks import check_dims, check_float, check_last_dim_contiguous, require
+from shardgen.shard.kernels.checks import (
+    check_dims,
+    check_float,
+    check_last_dim_contiguous,
+    dependent_launch,
+    require,
+    use_pdl,
+)
 from shardgen.shard.kernels.quant import launch_quantize_rows, row_values
 from shardgen.shard.layers.quant import Fp8Rows
 
@@ -32,7 +39,8 @@ BLOCK_COLS = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    dependent_launch(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     product = row_values(x_ptr + row * stride_x, cols, inter, SILU_MUL=True)
@@ -48,7 +56,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(BLOCK_COLS, triton.next_power_of_2(inter))
     grid = (num_tokens, triton.cdiv(inter, block))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+    pdl = use_pdl(x.device)
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=block, USE_PDL=pdl, num_warps=4,
+                               launch_pdl=pdl)
     return out
 
 

@@ -33,7 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from shardgen.shard.kernels.checks import check_tile, dot_precision, next_power_of_2, num_sms, require
+from shardgen.shard.kernels.checks import (
+    check_tile,
+    dependent_launch,
+    dot_precision,
+    next_power_of_2,
+    num_sms,
+    require,
+    use_pdl,
+)
 from shardgen.shard.kernels.paged_tiles import (
     as_dot_dtype,
     LOG2E,
@@ -132,7 +140,9 @@ def _decode_partition_kernel(
     USE_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -197,7 +207,9 @@ def _decode_reduce_kernel(
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     parts = tl.arange(0, BLOCK_P)
@@ -236,6 +248,7 @@ def launch_decode(
         batch, num_kv_heads, block_tables.shape[1] * page_size, q.device
     )
     split = parts > 1
+    pdl = use_pdl(q.device)
     part_acc = part_m = part_l = out  # placeholders: the unsplit kernel never touches them
     if split:
         part_acc = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
@@ -255,8 +268,10 @@ def launch_decode(
         USE_WINDOW=sliding_window > 0,
         SPLIT=split,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        launch_pdl=pdl,
     )
     if split:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -264,5 +279,7 @@ def launch_decode(
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_P=next_power_of_2(parts),
+            USE_PDL=pdl,
             num_warps=4,
+            launch_pdl=pdl,
         )

@@ -13,6 +13,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A KV cache holds the model's dtype, or fp8 e4m3 (stored unscaled, read back as q's dtype).
@@ -124,3 +125,36 @@ def num_sms(device: torch.device) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 products for fp32 models (tf32 would lose ~3 digits)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# SHARDGEN_PDL=0 launches every kernel the plain way (for comparisons).
+_PDL_ALLOWED = os.environ.get("SHARDGEN_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch: on Hopper or
+    newer, outside the interpreter, unless SHARDGEN_PDL=0. Pass it as the kernel's
+    USE_PDL and as launch_pdl."""
+    if device.type != "cuda" or not _PDL_ALLOWED or interpreting():
+        return False
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@triton.jit
+def dependent_launch(USE_PDL: tl.constexpr):
+    """The first statement of a kernel launched with launch_pdl=USE_PDL.
+
+    Every program first waits until the kernel queued before has finished and its writes
+    are visible (griddepcontrol.wait), then lets the next kernel's programs be scheduled;
+    they wait here in turn. As every program waits before touching memory, any two
+    kernels of the stream stay ordered as without it; what overlaps is the launch and
+    scheduling of a kernel with the run of the one before (within a CUDA graph too).
+    """
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -53,10 +53,12 @@ from shardgen.shard.kernels.checks import (
     check_last_dim_contiguous,
     check_same_device,
     check_tile,
+    dependent_launch,
     dot_precision,
     next_power_of_2,
     num_sms,
     require,
+    use_pdl,
 )
 from shardgen.shard.layers.quant import FP8_DTYPE
 
@@ -167,10 +169,12 @@ def _linear_kernel(
     PARTIAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SCALED: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[rows, cols] = x[rows] @ W[cols]^T (+ bias), or, when PARTIAL, the fp32 sum over
     this program's K split into out[split, rows, cols] (out then is [splits, M, N]). SCALED
     (fp8 x and W): each product sum is multiplied by x_scale[row] * w_scale[col] first."""
+    dependent_launch(USE_PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -219,8 +223,9 @@ def _linear_kernel(
 @triton.jit
 def _sum_splits_kernel(
     partial_ptr, bias_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
-):
+, USE_PDL: tl.constexpr):
     """out[m, n] = sum over s of partial[s, m, n] (s in order) (+ bias[n]), cast to out's dtype."""
+    dependent_launch(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     size = M * N
     ok = offs < size
@@ -312,6 +317,7 @@ def _launch(
     cfg, splits = plan.config, plan.grid[1]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     scaled = x_scale is not None
+    pdl = use_pdl(x.device)
     _linear_kernel[plan.grid](
         x, weight, bias if bias is not None else weight, target,
         x_scale if scaled else weight, weight_scale if scaled else weight,
@@ -325,14 +331,16 @@ def _launch(
         PARTIAL=splits > 1,
         DOT_PRECISION=dot_precision(out.dtype),
         SCALED=scaled,
+        USE_PDL=pdl,
         num_warps=cfg.num_warps,
         num_stages=plan.num_stages,
+        launch_pdl=pdl,
     )
     if splits > 1:
         block = min(1024, next_power_of_2(m * n))
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else target, out, m, n,
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
 
 

@@ -32,8 +32,10 @@ from shardgen.shard.kernels.checks import (
     check_float,
     check_last_dim_contiguous,
     check_same_device,
+    dependent_launch,
     next_power_of_2,
     require,
+    use_pdl,
 )
 from shardgen.shard.kernels.quant import store_fp8, store_row_scale
 from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
@@ -63,7 +65,9 @@ def _rms_norm_kernel(
     FP8_OUT: tl.constexpr,
     FP8_MAX: tl.constexpr,
     MIN_AMAX: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -163,6 +167,7 @@ def _launch(
     # About 8 elements per thread (16 bytes at bf16), at most 16 warps.
     num_warps = min(16, max(1, block // 256))
     norm_dtype = torch.promote_types(weight.dtype, x.dtype)
+    pdl = use_pdl(x.device)
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out2, s2, scale if scale is not None else out2,
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
@@ -173,7 +178,9 @@ def _launch(
         FP8_OUT=scale is not None,
         FP8_MAX=FP8_MAX,
         MIN_AMAX=MIN_AMAX,
+        USE_PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
 
 

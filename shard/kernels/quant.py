@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from shardgen.shard.kernels.checks import check_dims, check_float, check_last_dim_contiguous, next_power_of_2
+from shardgen.shard.kernels.checks import (
+    check_dims,
+    check_float,
+    check_last_dim_contiguous,
+    dependent_launch,
+    next_power_of_2,
+    use_pdl,
+)
 from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
 
 # Rows up to this long stay in registers (Llama-3.1-8B's down_proj input: 14,336).
@@ -65,7 +72,9 @@ def _quantize_rows_kernel(
     x_ptr, out_ptr, scale_ptr, width, stride_x, stride_o,
     FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_o
@@ -109,9 +118,12 @@ def launch_quantize_rows(x: torch.Tensor, width: int, silu_mul: bool) -> Fp8Rows
         return Fp8Rows(out, scale)
     one_pass = width <= MAX_ONE_PASS
     block = next_power_of_2(max(width, 1)) if one_pass else BLOCK_K
+    pdl = use_pdl(x.device)
     _quantize_rows_kernel[(m,)](
         x, out, scale, width, x.stride(0), out.stride(0),
         FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX, BLOCK=block, ONE_PASS=one_pass, SILU_MUL=silu_mul,
+        USE_PDL=pdl,
         num_warps=min(16, max(1, block // 512)),
+        launch_pdl=pdl,
     )
     return Fp8Rows(out, scale)

@@ -37,8 +37,10 @@ from shardgen.shard.kernels.checks import (
     check_float,
     check_last_dim_contiguous,
     check_same_device,
+    dependent_launch,
     next_power_of_2,
     require,
+    use_pdl,
 )
 from shardgen.shard.kernels.kv_cache import check_write_kv_args, to_cache_dtype
 
@@ -132,7 +134,9 @@ def _rotary_write_kv_kernel(
     BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    dependent_launch(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _load_cos_sin(cos_ptr, sin_ptr, token, stride_ct, stride_st, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
@@ -221,6 +225,7 @@ def rotary_and_write_kv(
     block_d = next_power_of_2(head_dim)
     # ~8 elements per thread over the larger tile: query halves, or the value rows.
     num_warps = min(8, max(1, max(block_qh * block_half, block_kh * block_d) // 256))
+    pdl = use_pdl(q.device)
     _rotary_write_kv_kernel[(num_tokens,)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
@@ -232,7 +237,9 @@ def rotary_and_write_kv(
         BLOCK_KH=block_kh,
         BLOCK_HALF=block_half,
         BLOCK_D=block_d,
+        USE_PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return q, k
 
