@@ -117,8 +117,8 @@ def test_after_warmup_no_step_size_waits_for_a_kernel_to_load(tmp_path) -> None:
     save_random_model(tmp_path, config)
     cuda = torch.device("cuda")
     model = load_model(tmp_path, dtype=torch.bfloat16, device=cuda)
-    runner = ModelRunner(model, ModelFacts.read(tmp_path, model), MemoryPolicy(16, 0, None, 0.5),
-                         device=cuda, dtype=torch.bfloat16)
+    memory = MemoryPolicy(block_size=16, kv_cache_bytes=0, num_blocks=None, cuda_memory_fraction=0.5)
+    runner = ModelRunner(model, ModelFacts.read(tmp_path, model), memory, device=cuda, dtype=torch.bfloat16)
     rows, budget = 24, 300
     runner.warmup(generate_pb2.WarmupRequest(max_batch_prefill_tokens=budget, max_batch_size=rows,
                                              max_total_tokens=512))
