@@ -12,7 +12,7 @@ nothing itself, so that importing it does not require Triton; import the modules
 
 On Hopper the kernels of a decode step (norms, linear, rotary and KV write, decode
 attention, SiLU-and-mul, fp8 quantize) launch with programmatic dependent launch
-(checks.use_pdl, checks.dependent_launch): each program waits for the kernel before it,
+(checks.dependent_launch_args, checks.dependent_launch): each program waits for the kernel before it,
 then lets the next one be scheduled, so launches overlap the kernel before them (3.5% of
 a one-row decode step on an H100; SHARDGEN_PDL=0 turns it off).
 """

@@ -28,8 +28,8 @@ from shardgen.shard.kernels.checks import (
     check_float,
     check_last_dim_contiguous,
     dependent_launch,
+    dependent_launch_args,
     require,
-    use_pdl,
 )
 from shardgen.shard.kernels.quant import launch_quantize_rows, row_values
 from shardgen.shard.layers.quant import Fp8Rows
@@ -56,9 +56,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(BLOCK_COLS, triton.next_power_of_2(inter))
     grid = (num_tokens, triton.cdiv(inter, block))
-    pdl = use_pdl(x.device)
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=block, USE_PDL=pdl, num_warps=4,
-                               launch_pdl=pdl)
+    pdl = dependent_launch_args(x.device)
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=block, **pdl, num_warps=4)
     return out
 
 

@@ -36,11 +36,11 @@ import triton.language as tl
 from shardgen.shard.kernels.checks import (
     check_tile,
     dependent_launch,
+    dependent_launch_args,
     dot_precision,
     next_power_of_2,
     num_sms,
     require,
-    use_pdl,
 )
 from shardgen.shard.kernels.paged_tiles import (
     as_dot_dtype,
@@ -248,7 +248,7 @@ def launch_decode(
         batch, num_kv_heads, block_tables.shape[1] * page_size, q.device
     )
     split = parts > 1
-    pdl = use_pdl(q.device)
+    pdl = dependent_launch_args(q.device)
     part_acc = part_m = part_l = out  # placeholders: the unsplit kernel never touches them
     if split:
         part_acc = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
@@ -268,10 +268,9 @@ def launch_decode(
         USE_WINDOW=sliding_window > 0,
         SPLIT=split,
         DOT_PRECISION=dot_precision(q.dtype),
-        USE_PDL=pdl,
+        **pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        launch_pdl=pdl,
     )
     if split:
         _decode_reduce_kernel[(batch, num_q_heads)](
@@ -279,7 +278,6 @@ def launch_decode(
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_P=next_power_of_2(parts),
-            USE_PDL=pdl,
+            **pdl,
             num_warps=4,
-            launch_pdl=pdl,
         )

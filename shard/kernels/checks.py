@@ -129,6 +129,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # SHARDGEN_PDL=0 launches every kernel the plain way (for comparisons).
 _PDL_ALLOWED = os.environ.get("SHARDGEN_PDL", "1") != "0"
+# Triton has the griddepcontrol instructions and the launch_pdl option from 3.3 on.
+_PDL_IN_TRITON = hasattr(tl.extra.cuda, "gdc_wait")
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,16 +140,21 @@ def _capability_major(index: int) -> int:
 
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch: on Hopper or
-    newer, outside the interpreter, unless SHARDGEN_PDL=0. Pass it as the kernel's
-    USE_PDL and as launch_pdl."""
-    if device.type != "cuda" or not _PDL_ALLOWED or interpreting():
+    newer, with a Triton that has it (3.3 on), outside the interpreter, unless SHARDGEN_PDL=0."""
+    if device.type != "cuda" or not _PDL_ALLOWED or not _PDL_IN_TRITON or interpreting():
         return False
     return _capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
+def dependent_launch_args(device: torch.device) -> dict[str, bool]:
+    """The launch arguments of a kernel whose first statement is dependent_launch: its
+    USE_PDL, and launch_pdl when on (a Triton without it knows no such option)."""
+    return {"USE_PDL": True, "launch_pdl": True} if use_pdl(device) else {"USE_PDL": False}
+
+
 @triton.jit
 def dependent_launch(USE_PDL: tl.constexpr):
-    """The first statement of a kernel launched with launch_pdl=USE_PDL.
+    """The first statement of a kernel launched with dependent_launch_args.
 
     Every program first waits until the kernel queued before has finished and its writes
     are visible (griddepcontrol.wait), then lets the next kernel's programs be scheduled;

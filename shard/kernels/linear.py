@@ -54,11 +54,11 @@ from shardgen.shard.kernels.checks import (
     check_same_device,
     check_tile,
     dependent_launch,
+    dependent_launch_args,
     dot_precision,
     next_power_of_2,
     num_sms,
     require,
-    use_pdl,
 )
 from shardgen.shard.layers.quant import FP8_DTYPE
 
@@ -317,7 +317,7 @@ def _launch(
     cfg, splits = plan.config, plan.grid[1]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     scaled = x_scale is not None
-    pdl = use_pdl(x.device)
+    pdl = dependent_launch_args(x.device)
     _linear_kernel[plan.grid](
         x, weight, bias if bias is not None else weight, target,
         x_scale if scaled else weight, weight_scale if scaled else weight,
@@ -331,16 +331,15 @@ def _launch(
         PARTIAL=splits > 1,
         DOT_PRECISION=dot_precision(out.dtype),
         SCALED=scaled,
-        USE_PDL=pdl,
+        **pdl,
         num_warps=cfg.num_warps,
         num_stages=plan.num_stages,
-        launch_pdl=pdl,
     )
     if splits > 1:
         block = min(1024, next_power_of_2(m * n))
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](
             target, bias if bias is not None else target, out, m, n,
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, **pdl, num_warps=4,
         )
 
 

@@ -33,9 +33,9 @@ from shardgen.shard.kernels.checks import (
     check_last_dim_contiguous,
     check_same_device,
     dependent_launch,
+    dependent_launch_args,
     next_power_of_2,
     require,
-    use_pdl,
 )
 from shardgen.shard.kernels.quant import store_fp8, store_row_scale
 from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
@@ -167,7 +167,7 @@ def _launch(
     # About 8 elements per thread (16 bytes at bf16), at most 16 warps.
     num_warps = min(16, max(1, block // 256))
     norm_dtype = torch.promote_types(weight.dtype, x.dtype)
-    pdl = use_pdl(x.device)
+    pdl = dependent_launch_args(x.device)
     _rms_norm_kernel[(rows,)](
         x2, r2, weight, out2, s2, scale if scale is not None else out2,
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
@@ -178,9 +178,8 @@ def _launch(
         FP8_OUT=scale is not None,
         FP8_MAX=FP8_MAX,
         MIN_AMAX=MIN_AMAX,
-        USE_PDL=pdl,
+        **pdl,
         num_warps=num_warps,
-        launch_pdl=pdl,
     )
 
 

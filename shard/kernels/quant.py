@@ -25,8 +25,8 @@ from shardgen.shard.kernels.checks import (
     check_float,
     check_last_dim_contiguous,
     dependent_launch,
+    dependent_launch_args,
     next_power_of_2,
-    use_pdl,
 )
 from shardgen.shard.layers.quant import FP8_DTYPE, FP8_MAX, MIN_AMAX, Fp8Rows
 
@@ -118,12 +118,11 @@ def launch_quantize_rows(x: torch.Tensor, width: int, silu_mul: bool) -> Fp8Rows
         return Fp8Rows(out, scale)
     one_pass = width <= MAX_ONE_PASS
     block = next_power_of_2(max(width, 1)) if one_pass else BLOCK_K
-    pdl = use_pdl(x.device)
+    pdl = dependent_launch_args(x.device)
     _quantize_rows_kernel[(m,)](
         x, out, scale, width, x.stride(0), out.stride(0),
         FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX, BLOCK=block, ONE_PASS=one_pass, SILU_MUL=silu_mul,
-        USE_PDL=pdl,
+        **pdl,
         num_warps=min(16, max(1, block // 512)),
-        launch_pdl=pdl,
     )
     return Fp8Rows(out, scale)

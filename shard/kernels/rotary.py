@@ -38,9 +38,9 @@ from shardgen.shard.kernels.checks import (
     check_last_dim_contiguous,
     check_same_device,
     dependent_launch,
+    dependent_launch_args,
     next_power_of_2,
     require,
-    use_pdl,
 )
 from shardgen.shard.kernels.kv_cache import check_write_kv_args, to_cache_dtype
 
@@ -225,7 +225,7 @@ def rotary_and_write_kv(
     block_d = next_power_of_2(head_dim)
     # ~8 elements per thread over the larger tile: query halves, or the value rows.
     num_warps = min(8, max(1, max(block_qh * block_half, block_kh * block_d) // 256))
-    pdl = use_pdl(q.device)
+    pdl = dependent_launch_args(q.device)
     _rotary_write_kv_kernel[(num_tokens,)](
         q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
@@ -237,9 +237,8 @@ def rotary_and_write_kv(
         BLOCK_KH=block_kh,
         BLOCK_HALF=block_half,
         BLOCK_D=block_d,
-        USE_PDL=pdl,
+        **pdl,
         num_warps=num_warps,
-        launch_pdl=pdl,
     )
     return q, k
 
