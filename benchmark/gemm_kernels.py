@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shardgen.shard.layers.quant import FP8_DTYPE, fp8_linear
 from shardgen.shard.warmup import gemm_row_counts
 
 # (out features, in features) at Llama-3.1-8B sizes, one rank.
@@ -42,17 +43,17 @@ def parse_range(text: str) -> range:
 
 
 def gemm(shape: tuple[int, int], fp8: bool, max_rows: int, device: torch.device):
-    """A function of M running the shape's GEMM on M rows, as the shard would."""
+    """A function of M running the shape's GEMM on M rows, as the shard's layers do (F.linear,
+    or quant.fp8_linear for an fp8 projection)."""
     n, k = shape
     if not fp8:
         weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
         x = torch.randn(max_rows, k, device=device, dtype=torch.bfloat16)
         return lambda m: F.linear(x[:m], weight)
-    weight = (torch.randn(n, k, device=device) * 0.02).to(torch.float8_e4m3fn)
-    x = torch.randn(max_rows, k, device=device).to(torch.float8_e4m3fn)
-    scale_a, scale_b = torch.ones(max_rows, 1, device=device), torch.ones(1, n, device=device)
-    return lambda m: torch._scaled_mm(x[:m], weight.t(), scale_a=scale_a[:m], scale_b=scale_b,
-                                      out_dtype=torch.bfloat16, use_fast_accum=True)
+    weight = (torch.randn(n, k, device=device) * 0.02).to(FP8_DTYPE)
+    x = torch.randn(max_rows, k, device=device).to(FP8_DTYPE)
+    x_scale, weight_scale = torch.ones(max_rows, 1, device=device), torch.ones(1, n, device=device)
+    return lambda m: fp8_linear(x[:m], x_scale[:m], weight, weight_scale, None, torch.bfloat16)
 
 
 def kernels_by_rows(run, rows: range, device: torch.device) -> list[str]:

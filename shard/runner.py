@@ -279,11 +279,11 @@ class ModelRunner:
         vocab_size = self.facts.vocab_size
         hidden = torch.zeros((max_rows, self.model.config.hidden_size), dtype=self.dtype, device=self.device)
         index = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
-        sampled = set(bucket_sizes(max_rows))
+        buckets = set(bucket_sizes(max_rows))
+        greedy, sampled = SamplingParams(), SamplingParams(do_sample=True, top_k=50, top_p=0.9)
         for rows in range(1, max_rows + 1):
             logits = self.model.compute_logits(hidden[:rows])
-            for params in [SamplingParams()] + ([SamplingParams(do_sample=True, top_k=50, top_p=0.9)]
-                                                if rows in sampled else []):
+            for params in (greedy, sampled) if rows in buckets else (greedy,):
                 sample(logits, SamplingBatch([params] * rows, vocab_size, self.device), index[:rows], index[:rows])
         torch.cuda.synchronize(self.device)
         logger.info("warm-up: ran %d distinct projections at %d row counts (1-%d, %d-%d), the LM head and "
