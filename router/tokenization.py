@@ -36,7 +36,9 @@ INLINE_ENCODE_MAX_CHARS = 2048
 # default: on an H100 box under the shared-prefix load (bursts of ~40 prompts of 2,176
 # tokens), four workers cut arrival-to-validated from 87 to 62 ms mean but raised the time
 # to first token from 230 / 122 ms (mean / median) to 332 / 263: the burst reached the
-# scheduler at once and waited for one long mixed step instead of several short ones.
+# scheduler at once and waited for one long mixed step instead of several short ones
+# (measured again on the tenth pass: 221 / 120 against 327 / 272 ms; one worker's wait is
+# its queue, the encode itself ~10 ms there; benchmark/NOTES.md).
 DEFAULT_WORKERS = 1
 
 
