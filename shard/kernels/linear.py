@@ -222,8 +222,9 @@ def _linear_kernel(
 
 @triton.jit
 def _sum_splits_kernel(
-    partial_ptr, bias_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
-, USE_PDL: tl.constexpr):
+    partial_ptr, bias_ptr, out_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
     """out[m, n] = sum over s of partial[s, m, n] (s in order) (+ bias[n]), cast to out's dtype."""
     dependent_launch(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
