@@ -17,7 +17,7 @@ A table goes to stdout and everything to JSON (--out). Timings are never asserte
   python benchmark/kernels.py --only decode,prefill --sweep        # also tries tile configs
   python benchmark/kernels.py --cudagraph                          # Triton times without launch overhead
   python benchmark/kernels.py --only linear --cudagraph --sweep     # decode GEMV vs cuBLAS at M = 1..32
-  TRITON_INTERPRET=1 python benchmark/kernels.py --tiny            # CPU: checks only, no timing
+  TRITON_INTERPRET=1 python benchmark/kernels.py --tiny --dtype float16   # CPU: checks only (bf16 dots are wrong there)
 """
 
 from __future__ import annotations
@@ -305,6 +305,7 @@ def decode_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Iter
 def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Iterator[Case]:
     k = 64 if tiny else 1  # shrinks every length for --tiny
     prompt, long_prompt, cached, chunk_prefix = 2048 // k, 8192 // k, 2048 // k, 6144 // k
+    running = 8 if tiny else 248
     specs = [
         (f"1 prompt {prompt}", [0], [prompt]),
         (f"1 prompt {long_prompt}", [0], [long_prompt]),
@@ -314,6 +315,9 @@ def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Ite
         # The shared-prefix load: a burst of cached questions while the others decode.
         (f"56 decodes ctx {2300 // k} + 8 x {128 // k} after {cached}", [2300 // k - 1] * 56 + [cached] * 8,
          [1] * 56 + [128 // k] * 8),
+        # A full prefill step of c256 (256 x 1024 prompts) late in its prefill phase.
+        (f"{running} decodes ctx {1150 // k} + 8 x {1024 // k}", [1150 // k - 1] * running + [0] * 8,
+         [1] * running + [1024 // k] * 8),
     ]
     for name, cache_lens, q_lens in specs:
         yield attention_case("prefill", name, sz, dtype, device, cache_lens, q_lens)

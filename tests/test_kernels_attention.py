@@ -7,6 +7,7 @@ gpu use real sizes and bf16 and run on a GPU only.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -232,7 +233,7 @@ def test_group_wider_than_tile() -> None:
 
 @needs_kernels
 @pytest.mark.usefixtures("nan_allocations")
-def test_single_token_rows_with_an_idle_sequence_take_the_prefill_kernel() -> None:
+def test_single_token_rows_with_an_idle_sequence_are_a_varlen_step() -> None:
     """max_seqlen_q == 1 but T < B (one sequence adds nothing): still exact."""
     step = make_step([12, 30, 4], [1, 0, 1], 4, 2, 32, 16, torch.float16)
     assert step.q.shape[0] == 2 and step.max_seqlen_q == 1
@@ -271,6 +272,64 @@ def test_prefill_rows_past_the_last_sequence_come_out_as_zeros(dtype: torch.dtyp
     out = run(step, 0.3, prefill_config=SMALL_PREFILL)
     assert torch.all(out[real:] == 0)
     check(step, out, 0.3)  # the oracle leaves rows past cu_seqlens_q[-1] at zero
+
+
+@needs_kernels
+@pytest.mark.usefixtures("nan_allocations")
+@pytest.mark.parametrize(
+    ("dtype", "num_q_heads", "num_kv_heads", "window"),
+    [(torch.float32, 4, 2, 0), (torch.float16, 6, 2, 9), (torch.float32, 2, 2, 0), (torch.float16, 32, 1, 0)],
+)
+def test_one_token_sequences_of_a_varlen_step(
+        dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, window: int) -> None:
+    """One-token sequences in a varlen step (the decode kernel's varlen launch): running rows
+    ahead of the prompts, a one-token chunk after a cached prefix between them, one that
+    is the whole prompt, padding sequences and rows past the last sequence; groups of 2,
+    3 (rows masked in the tile), 1 and 32 query heads."""
+    cache_lens = [37, 0, 16, 70, 0, 0, 25, 3, 0]
+    q_lens = [1, 1, 1, 9, 1, 0, 1, 14, 0]
+    step = make_step(cache_lens, q_lens, num_q_heads, num_kv_heads, 32, 16, dtype)
+    real = step.q.shape[0]
+    pad_tokens(step, 4)
+    out = run(step, 0.3, window, prefill_config=SMALL_PREFILL)
+    assert torch.all(out[real:] == 0)
+    check(step, out, 0.3, window)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("dtype", "window", "partitions"), [(torch.float32, 0, 1), (torch.float16, 6, 3)])
+def test_a_varlen_step_divides_its_rows_between_the_two_kernels(
+        dtype: torch.dtype, window: int, partitions: int) -> None:
+    """The decode launch with cu_seqlens_q writes exactly the rows of one-token sequences
+    (running rows, a one-token chunk after a prefix), the prefill launch told to skip them
+    writes every other row (prompts, chunks, zeros past the last sequence): each leaves the
+    other's rows untouched, and together they are exact."""
+    from shardgen.shard.kernels.attention_decode import launch_decode
+    from shardgen.shard.kernels.attention_prefill import launch_prefill
+
+    step = make_step(MIXED_CACHE_LENS, MIXED_Q_LENS, 4, 2, 32, 16, dtype)
+    real = step.q.shape[0]
+    pad_tokens(step, 5)
+    cu = step.cu_seqlens_q.tolist()
+    single = torch.zeros(step.q.shape[0], dtype=torch.bool)
+    for b, q_len in enumerate(MIXED_Q_LENS):
+        single[cu[b]] = q_len == 1
+    assert 0 < int(single.sum()) < real
+    args = (step.q, step.k_cache, step.v_cache, step.block_tables, step.seq_lens)
+    decode_cfg = DecodeConfig(block_n=16, num_warps=4, num_stages=1, num_partitions=partitions)
+
+    out = torch.full_like(step.q, float("nan"))
+    launch_decode(*args, 0.3, window, out, decode_cfg, cu_seqlens_q=step.cu_seqlens_q)
+    assert not out[single].isnan().any() and out[~single].isnan().all()
+
+    out = torch.full_like(step.q, float("nan"))
+    launch_prefill(*args, step.cu_seqlens_q, 0.3, window, out, SMALL_PREFILL, skip_single=True)
+    assert out[single].isnan().all() and not out[~single].isnan().any()
+
+    launch_decode(*args, 0.3, window, out, decode_cfg, cu_seqlens_q=step.cu_seqlens_q)
+    assert torch.equal(out, run(step, 0.3, window, decode_config=decode_cfg, prefill_config=SMALL_PREFILL))
+    assert torch.all(out[real:] == 0)
+    check(step, out, 0.3, window)
 
 
 @needs_kernels
@@ -405,5 +464,34 @@ def test_gpu_decode_in_cuda_graph() -> None:
     step.seq_lens.copy_(torch.tensor([301, 905, 33], dtype=torch.int32))
     step.k_cache.nan_to_num_(0.0)
     step.v_cache.nan_to_num_(0.0)
+    graph.replay()
+    check(step, out, 0.1)
+
+
+@gpu_only
+@pytest.mark.parametrize("batch", [12, 40])
+def test_gpu_varlen_graph_replays_another_division_of_rows(batch: int) -> None:
+    """A mixed step captured with some one-token sequences replays exactly for a step of the
+    same (T, B) whose one-token sequences are others: which kernel takes which rows is
+    decided on the device, at every replay (a batch of 12 splits the decode launch over
+    the sequence, one of 40 does not)."""
+    captured_q = [1] * (batch - 2) + [150, 60]
+    replayed_q = [40, 0] + [1] * (batch - 4) + [170, 0]
+    captured_ctx = [900] * (batch - 2) + [0, 1100]  # within the replayed tables' width
+    replayed_ctx = [1200, 0] + [300 + 37 * b for b in range(batch - 4)] + [800, 0]
+    step = make_step(replayed_ctx, replayed_q, 32, 8, 128, 16, torch.bfloat16, extra_columns=8)
+    pad_tokens(step, sum(captured_q) - sum(replayed_q))
+    replayed_seq_lens, replayed_cu = step.seq_lens.clone(), step.cu_seqlens_q.clone()
+    step.k_cache.nan_to_num_(0.0)
+    step.v_cache.nan_to_num_(0.0)
+    step.seq_lens.copy_(torch.tensor([c + n for c, n in zip(captured_ctx, captured_q)], dtype=torch.int32))
+    step.cu_seqlens_q.copy_(torch.tensor([0, *itertools.accumulate(captured_q)], dtype=torch.int32))
+    step.max_seqlen_q = max(captured_q)
+    run(step, 0.1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(step, 0.1)
+    step.seq_lens.copy_(replayed_seq_lens)
+    step.cu_seqlens_q.copy_(replayed_cu)
     graph.replay()
     check(step, out, 0.1)

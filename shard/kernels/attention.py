@@ -15,9 +15,11 @@ Semantics (identical to the torch reference in shard/layers/attention.py)
   seq_len 0) comes out as zeros rather than NaN.
 
 Dispatch: max_seqlen_q == 1 with one row per sequence (T == B) is a decode step and takes
-the flash-decoding kernel (attention_decode); anything else takes the varlen prefill
-kernel (attention_prefill), which handles decodes mixed into a prefill batch as well.
-Nothing else reads max_seqlen_q: the prefill launch depends on shapes only, so one CUDA
+the flash-decoding kernel (attention_decode). Any other step is varlen and takes two
+launches: the decode kernel over its one-token sequences (a mixed step's running rows,
+one-token chunks) and the prefill kernel (attention_prefill) over the rest. Each finds
+its own sequences from cu_seqlens_q on the device, so neither reads a length on the host.
+Nothing else reads max_seqlen_q: both launches depend on shapes only, so one CUDA
 graph serves every step of its (T, B), and a bound above the real longest query is fine.
 There cu_seqlens_q[-1] may be below T (a step padded to its graph's T): rows past it come
 out as zeros. Padding sequences (q_len 0, seq_len 0) may sit anywhere in the batch.
@@ -77,10 +79,13 @@ def paged_attention(
     batch = seq_lens.shape[0]
     if max_seqlen_q == 1 and q.shape[0] == batch:
         launch_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, out, decode_config)
-    else:
-        launch_prefill(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, out, prefill_config,
-        )
+        return out
+    launch_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, out, decode_config,
+                  cu_seqlens_q=cu_seqlens_q)
+    launch_prefill(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, out, prefill_config,
+        skip_single=True,
+    )
     return out
 
 

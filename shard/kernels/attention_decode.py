@@ -17,6 +17,19 @@ Algorithm
   CUDA graph; each sequence then splits its own length into P runs, so short and long
   sequences in one batch both spread over P programs.
 
+Varlen launch (the one-token sequences of a mixed step)
+  With cu_seqlens_q given, q holds a varlen step (attention.py's layout) and sequence b's
+  token is row cu_seqlens_q[b], not row b. The programs of sequences that bring any
+  other number of tokens (prompts and chunks, padding sequences) exit at once: those are
+  the prefill kernel's, which skips the one-token ones in turn. Which sequences are
+  which is read on the device, so the launch stays shape-only and graph-safe. In the
+  prefill kernel those rows ran ~1.3x slower (benchmark/NOTES.md, eleventh pass: a
+  prefill program holds ~100 KB of shared memory, so few run per SM, and a one-token
+  row's walk over its keys is latency-bound). The reduce kernel's partition tile is
+  MAX_PARTITIONS wide in this mode, so that the split of a step of any batch size runs
+  one compiled variant (a mixed step's batch varies freely while serving, and compiling
+  a variant mid-run stalls the step).
+
 Memory floor (bytes, e = element size, C_b = min(seq_len_b, window or inf)):
   2 * sum_b C_b * Hkv * D * e          K and V, each read once
   + 2 * B * Hq * D * e                 q in, output out
@@ -113,6 +126,17 @@ def choose_num_partitions(batch: int, num_kv_heads: int, max_context: int, devic
 
 
 @triton.jit
+def _query_row(cu_seqlens_q_ptr, b, VARLEN: tl.constexpr):
+    """Row of q that holds sequence b's new token: b in a decode step; in a varlen step
+    cu_seqlens_q[b], or -1 when b brings another number of tokens than one."""
+    if VARLEN:
+        start = tl.load(cu_seqlens_q_ptr + b)
+        single = tl.load(cu_seqlens_q_ptr + b + 1) - start == 1
+        return tl.where(single, start, -1)
+    return b
+
+
+@triton.jit
 def _decode_partition_kernel(
     q_ptr,
     k_cache_ptr,
@@ -123,6 +147,7 @@ def _decode_partition_kernel(
     part_l_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    cu_seqlens_q_ptr,
     scale_log2,
     sliding_window,
     stride_qt,
@@ -139,6 +164,7 @@ def _decode_partition_kernel(
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     SPLIT: tl.constexpr,
+    VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -147,6 +173,9 @@ def _decode_partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     num_parts = tl.num_programs(2)
+    token = _query_row(cu_seqlens_q_ptr, b, VARLEN)
+    if token < 0:
+        return
 
     seq_len = tl.load(seq_lens_ptr + b)
     start = 0
@@ -162,7 +191,7 @@ def _decode_partition_kernel(
     head_ok = group < QPK
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+        q_ptr + token.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :],
         mask=head_ok[:, None],
         other=0.0,
     )
@@ -189,7 +218,7 @@ def _decode_partition_kernel(
     else:
         out = normalize(acc, l_i)
         tl.store(
-            out_ptr + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+            out_ptr + token.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + dims[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=head_ok[:, None],
         )
@@ -201,17 +230,22 @@ def _decode_reduce_kernel(
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
+    cu_seqlens_q_ptr,
     num_parts,
     stride_ot,
     stride_oh,
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    VARLEN: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     dependent_launch(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
+    token = _query_row(cu_seqlens_q_ptr, b, VARLEN)
+    if token < 0:
+        return
     parts = tl.arange(0, BLOCK_P)
     part_ok = parts < num_parts
     row = (b.to(tl.int64) * NUM_Q_HEADS + head) * num_parts + parts
@@ -222,7 +256,7 @@ def _decode_reduce_kernel(
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=part_ok[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def launch_decode(
@@ -235,12 +269,16 @@ def launch_decode(
     sliding_window: int,
     out: torch.Tensor,
     config: DecodeConfig | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> None:
     """Writes decode attention of q [B, Hq, D] (row b = sequence b's one new token) into out.
 
+    With cu_seqlens_q, q [T, Hq, D] is a varlen step: only the rows of its one-token
+    sequences are written (module docstring, "Varlen launch").
     Arguments are validated by attention.paged_attention; call that instead.
     """
-    batch, num_q_heads, head_dim = q.shape
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    batch = seq_lens.shape[0]
     _, page_size, num_kv_heads, _ = k_cache.shape
     qpk = num_q_heads // num_kv_heads
     cfg = config or default_decode_config(head_dim, k_cache.dtype)
@@ -248,14 +286,16 @@ def launch_decode(
         batch, num_kv_heads, block_tables.shape[1] * page_size, q.device
     )
     split = parts > 1
+    varlen = cu_seqlens_q is not None
     pdl = dependent_launch_args(q.device)
     part_acc = part_m = part_l = out  # placeholders: the unsplit kernel never touches them
     if split:
         part_acc = torch.empty((batch, num_q_heads, parts, head_dim), dtype=torch.float32, device=q.device)
         part_m = torch.empty((batch, num_q_heads, parts), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
+    cu = cu_seqlens_q if varlen else seq_lens  # a placeholder outside the varlen launch
     _decode_partition_kernel[(batch, num_kv_heads, parts)](
-        q, k_cache, v_cache, out, part_acc, part_m, part_l, block_tables, seq_lens,
+        q, k_cache, v_cache, out, part_acc, part_m, part_l, block_tables, seq_lens, cu,
         scale * LOG2E, sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads,
@@ -267,6 +307,7 @@ def launch_decode(
         BLOCK_N=cfg.block_n,
         USE_WINDOW=sliding_window > 0,
         SPLIT=split,
+        VARLEN=varlen,
         DOT_PRECISION=dot_precision(q.dtype),
         **pdl,
         num_warps=cfg.num_warps,
@@ -274,10 +315,11 @@ def launch_decode(
     )
     if split:
         _decode_reduce_kernel[(batch, num_q_heads)](
-            out, part_acc, part_m, part_l, parts, out.stride(0), out.stride(1),
+            out, part_acc, part_m, part_l, cu, parts, out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
-            BLOCK_P=next_power_of_2(parts),
+            BLOCK_P=MAX_PARTITIONS if varlen else next_power_of_2(parts),
+            VARLEN=varlen,
             **pdl,
             num_warps=4,
         )

@@ -199,6 +199,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # KV head varies fastest: the Hkv programs of one query tile run side by side and
@@ -218,6 +219,9 @@ def _prefill_kernel(
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first >= q_len:
         return
+    if SKIP_SINGLE:
+        if q_len == 1:
+            return  # the decode kernel's (attention.py)
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
@@ -276,9 +280,11 @@ def launch_prefill(
     sliding_window: int,
     out: torch.Tensor,
     config: PrefillConfig | None = None,
+    skip_single: bool = False,
 ) -> None:
     """Writes varlen paged attention of q [T, Hq, D] into out: every row of a sequence, and
     zeros in the rows past cu_seqlens_q[-1] (cu_seqlens_q[-1] may be below T).
+    skip_single leaves the rows of one-token sequences alone (a decode launch writes them).
 
     The launch reads no value off the device and sizes its grid from shapes alone, so it
     can be captured in a CUDA graph and replayed for any lengths of the same shapes.
@@ -306,6 +312,7 @@ def launch_prefill(
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         USE_WINDOW=sliding_window > 0,
+        SKIP_SINGLE=skip_single,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
