@@ -23,12 +23,12 @@ Varlen launch (the one-token sequences of a mixed step)
   other number of tokens (prompts and chunks, padding sequences) exit at once: those are
   the prefill kernel's, which skips the one-token ones in turn. Which sequences are
   which is read on the device, so the launch stays shape-only and graph-safe. In the
-  prefill kernel those rows ran ~1.3x slower (benchmark/NOTES.md, eleventh pass: a
-  prefill program holds ~100 KB of shared memory, so few run per SM, and a one-token
-  row's walk over its keys is latency-bound). The reduce kernel's partition tile is
-  MAX_PARTITIONS wide in this mode, so that the split of a step of any batch size runs
-  one compiled variant (a mixed step's batch varies freely while serving, and compiling
-  a variant mid-run stalls the step).
+  prefill kernel those rows took ~1.6x their time here (benchmark/NOTES.md, eleventh
+  pass: a prefill program holds ~100 KB of shared memory, so few run per SM, and a
+  one-token row's walk over its keys is latency-bound). The reduce kernel's partition
+  tile is MAX_PARTITIONS wide in this mode, so that the split of a step of any batch
+  size runs one compiled variant (a mixed step's batch varies freely while serving, and
+  compiling a variant mid-run stalls the step).
 
 Memory floor (bytes, e = element size, C_b = min(seq_len_b, window or inf)):
   2 * sum_b C_b * Hkv * D * e          K and V, each read once
