@@ -431,6 +431,23 @@ def test_gpu_prefill_real_sizes(num_q_heads: int, num_kv_heads: int, head_dim: i
     check(step, run(step, head_dim**-0.5, 256), head_dim**-0.5, 256)
 
 
+def replay_in_graph(step: Step, seq_lens: list[int], q_lens: list[int]) -> torch.Tensor:
+    """Captures the step's attention in a CUDA graph under other lengths of the same shapes
+    (T, B), puts the step's own lengths back and replays: the replay's output."""
+    replayed_seq_lens, replayed_cu = step.seq_lens.clone(), step.cu_seqlens_q.clone()
+    step.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    step.cu_seqlens_q.copy_(torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32))
+    step.max_seqlen_q = max(q_lens)
+    run(step, 0.1)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(step, 0.1)
+    step.seq_lens.copy_(replayed_seq_lens)
+    step.cu_seqlens_q.copy_(replayed_cu)
+    graph.replay()
+    return out
+
+
 @gpu_only
 def test_gpu_prefill_in_cuda_graph() -> None:
     """A prefill launch captured under one step's lengths (and a max_seqlen_q below the
@@ -439,18 +456,7 @@ def test_gpu_prefill_in_cuda_graph() -> None:
     step = make_step([700, 0, 2], [9, 0, 230], 32, 8, 128, 16, torch.bfloat16)
     pad_tokens(step, 17)
     assert step.q.shape[0] == 256
-    replayed_seq_lens, replayed_cu = step.seq_lens.clone(), step.cu_seqlens_q.clone()
-    run(step, 0.1)  # compile outside the capture
-    step.seq_lens.copy_(torch.tensor([200, 41, 350], dtype=torch.int32))
-    step.cu_seqlens_q.copy_(torch.tensor([0, 200, 201, 251], dtype=torch.int32))
-    step.max_seqlen_q = 200
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run(step, 0.1)
-    step.seq_lens.copy_(replayed_seq_lens)
-    step.cu_seqlens_q.copy_(replayed_cu)
-    graph.replay()
-    check(step, out, 0.1)
+    check(step, replay_in_graph(step, seq_lens=[200, 41, 350], q_lens=[200, 1, 50]), 0.1)
 
 
 @gpu_only
@@ -481,17 +487,5 @@ def test_gpu_varlen_graph_replays_another_division_of_rows(batch: int) -> None:
     replayed_ctx = [1200, 0] + [300 + 37 * b for b in range(batch - 4)] + [800, 0]
     step = make_step(replayed_ctx, replayed_q, 32, 8, 128, 16, torch.bfloat16, extra_columns=8)
     pad_tokens(step, sum(captured_q) - sum(replayed_q))
-    replayed_seq_lens, replayed_cu = step.seq_lens.clone(), step.cu_seqlens_q.clone()
-    step.k_cache.nan_to_num_(0.0)
-    step.v_cache.nan_to_num_(0.0)
-    step.seq_lens.copy_(torch.tensor([c + n for c, n in zip(captured_ctx, captured_q)], dtype=torch.int32))
-    step.cu_seqlens_q.copy_(torch.tensor([0, *itertools.accumulate(captured_q)], dtype=torch.int32))
-    step.max_seqlen_q = max(captured_q)
-    run(step, 0.1)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run(step, 0.1)
-    step.seq_lens.copy_(replayed_seq_lens)
-    step.cu_seqlens_q.copy_(replayed_cu)
-    graph.replay()
-    check(step, out, 0.1)
+    captured_seq_lens = [c + n for c, n in zip(captured_ctx, captured_q)]
+    check(step, replay_in_graph(step, captured_seq_lens, captured_q), 0.1)
