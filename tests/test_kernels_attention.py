@@ -301,8 +301,8 @@ def test_one_token_sequences_of_a_varlen_step(
 def test_a_varlen_step_divides_its_rows_between_the_two_kernels(
         dtype: torch.dtype, window: int, partitions: int) -> None:
     """The decode launch with cu_seqlens_q writes exactly the rows of one-token sequences
-    (running rows, a one-token chunk after a prefix), the prefill launch told to skip them
-    writes every other row (prompts, chunks, zeros past the last sequence): each leaves the
+    (running rows, a one-token chunk after a prefix), the prefill launch writes every
+    other row (prompts, chunks, zeros past the last sequence): each leaves the
     other's rows untouched, and together they are exact."""
     from shardgen.shard.kernels.attention_decode import launch_decode
     from shardgen.shard.kernels.attention_prefill import launch_prefill
@@ -323,7 +323,7 @@ def test_a_varlen_step_divides_its_rows_between_the_two_kernels(
     assert not out[single].isnan().any() and out[~single].isnan().all()
 
     out = torch.full_like(step.q, float("nan"))
-    launch_prefill(*args, step.cu_seqlens_q, 0.3, window, out, SMALL_PREFILL, skip_single=True)
+    launch_prefill(*args, step.cu_seqlens_q, 0.3, window, out, SMALL_PREFILL)
     assert out[single].isnan().all() and not out[~single].isnan().any()
 
     launch_decode(*args, 0.3, window, out, decode_cfg, cu_seqlens_q=step.cu_seqlens_q)

@@ -84,7 +84,6 @@ def paged_attention(
                   cu_seqlens_q=cu_seqlens_q)
     launch_prefill(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, sliding_window, out, prefill_config,
-        skip_single=True,
     )
     return out
 

@@ -3,15 +3,17 @@
 Algorithm (flash-attention 2 over the block table)
   Sequence b brings q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens whose K/V
   are already in the cache; its i-th sits at position ctx_b + i, ctx_b = seq_len_b - q_len_b
-  (a reused prefix or earlier chunks). A program takes BLOCK_Q of those tokens and the
-  QPK = Hq / Hkv query heads that share KV head g, packed as BLOCK_M = BLOCK_Q * QPK
-  rows (row r = token r // QPK, head r % QPK): every K/V tile is loaded once for all heads
-  of the group, which multiplies the tile's reuse by QPK. It walks the keys that any of its
-  rows can see, [lo, hi) with hi = last row's position + 1 and lo = 0 or, with a sliding
-  window, first row's position - window + 1, in BLOCK_N tiles gathered through the block
-  table (paged_tiles), masking per row: key <= position (causal) and key > position -
-  window. Whole tiles that every row sees (before the first row's position, inside the
-  last row's window) run without masks; only the diagonal and window edges pay for them.
+  (a reused prefix or earlier chunks); sequences with one new token are the decode
+  kernel's (attention.py), and their programs exit. A program takes BLOCK_Q of those
+  tokens and the QPK = Hq / Hkv query heads that share KV head g, packed as
+  BLOCK_M = BLOCK_Q * QPK rows (row r = token r // QPK, head r % QPK): every K/V tile is
+  loaded once for all heads of the group, which multiplies the tile's reuse by QPK. It
+  walks the keys that any of its rows can see, [lo, hi) with hi = last row's position + 1
+  and lo = 0 or, with a sliding window, first row's position - window + 1, in BLOCK_N
+  tiles gathered through the block table (paged_tiles), masking per row: key <= position
+  (causal) and key > position - window. Whole tiles that every row sees (before the
+  first row's position, inside the last row's window) run without masks; only the
+  diagonal and window edges pay for them.
   Online softmax in fp32, one normalisation at the end, output in q's dtype.
 
 Launch grid (graph-safe: it depends on shapes only, never on lengths on the device)
@@ -199,7 +201,6 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # KV head varies fastest: the Hkv programs of one query tile run side by side and
@@ -219,9 +220,8 @@ def _prefill_kernel(
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first >= q_len:
         return
-    if SKIP_SINGLE:
-        if q_len == 1:
-            return  # the decode kernel's (attention.py)
+    if q_len == 1:
+        return  # the decode kernel's varlen launch writes one-token sequences (attention.py)
     seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len
 
@@ -280,11 +280,11 @@ def launch_prefill(
     sliding_window: int,
     out: torch.Tensor,
     config: PrefillConfig | None = None,
-    skip_single: bool = False,
 ) -> None:
-    """Writes varlen paged attention of q [T, Hq, D] into out: every row of a sequence, and
-    zeros in the rows past cu_seqlens_q[-1] (cu_seqlens_q[-1] may be below T).
-    skip_single leaves the rows of one-token sequences alone (a decode launch writes them).
+    """Writes varlen paged attention of q [T, Hq, D] into out: every row of a sequence of
+    two or more new tokens, and zeros in the rows past cu_seqlens_q[-1] (cu_seqlens_q[-1]
+    may be below T). The rows of one-token sequences are left alone: the decode kernel's
+    varlen launch writes them.
 
     The launch reads no value off the device and sizes its grid from shapes alone, so it
     can be captured in a CUDA graph and replayed for any lengths of the same shapes.
@@ -312,7 +312,6 @@ def launch_prefill(
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         USE_WINDOW=sliding_window > 0,
-        SKIP_SINGLE=skip_single,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
