@@ -25,16 +25,18 @@ class ForwardedFlag:
 
 
 ROUTER_FLAGS: tuple[ForwardedFlag, ...] = (
-    ForwardedFlag("--max-concurrent-requests", help="Requests in the engine before new ones get 429."),
+    ForwardedFlag("--max-concurrent-requests",
+                  help="Requests in the engine before new ones get 429 (default: 128; on a GPU twice the batch size)."),
     ForwardedFlag("--max-best-of", help="Largest best_of a request may ask for."),
     ForwardedFlag("--max-stop-sequences", help="Largest number of stop sequences per request."),
     ForwardedFlag("--max-top-n-tokens", help="Largest top_n_tokens per request."),
     ForwardedFlag("--max-input-tokens", help="Longest prompt in tokens (default from the model)."),
     ForwardedFlag("--max-total-tokens", help="Longest prompt + generation (default from the model)."),
-    ForwardedFlag("--max-batch-prefill-tokens", help="Prompt tokens computed in one step."),
+    ForwardedFlag("--max-batch-prefill-tokens",
+                  help="Prompt tokens computed in one step (default: 4096; 8192 on a GPU of 64 GiB or more)."),
     ForwardedFlag("--max-batch-total-tokens",
                   help="Tokens held in the KV cache at once (default: what warm-up finds)."),
-    ForwardedFlag("--max-batch-size", help="Requests in one step."),
+    ForwardedFlag("--max-batch-size", help="Requests in one step (default: no limit on CPU; 256 on a GPU)."),
     ForwardedFlag("--waiting-served-ratio", type=float, help="Waiting/running ratio that triggers a prefill."),
     ForwardedFlag("--max-waiting-tokens", help="Decode steps a waiting request may be held back."),
     ForwardedFlag("--payload-limit", help="Largest HTTP body in bytes."),

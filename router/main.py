@@ -58,7 +58,7 @@ def _engine(config: RouterConfig, max_batch_total_tokens: int | None, client: An
     from shardgen.router.block_manager import BlockManager  # gRPC and friends: only here
     from shardgen.router.engine import Engine, SchedulerConfig
 
-    assert config.max_batch_prefill_tokens is not None
+    assert config.max_batch_prefill_tokens is not None and config.max_concurrent_requests is not None
     scheduler = SchedulerConfig(
         max_concurrent_requests=config.max_concurrent_requests,
         max_batch_prefill_tokens=config.max_batch_prefill_tokens,
@@ -93,26 +93,30 @@ async def _start(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub
     try:
         await client.wait_until_healthy(config.shard_timeout_s)
         info = await client.info()
-        limits = resolve_limits(config, max_position_embeddings=info.max_position_embeddings)
+        device = dict(max_position_embeddings=info.max_position_embeddings,
+                      device_type=info.device_type, device_memory_bytes=info.device_memory_bytes)
+        limits = resolve_limits(config, **device)
         assert limits.max_batch_prefill_tokens is not None and limits.max_total_tokens is not None
+        assert limits.max_concurrent_requests is not None
         warmup = await client.warmup(
             limits.max_batch_prefill_tokens,
             limits.max_batch_size or limits.max_concurrent_requests,
             limits.max_total_tokens, config.shard_timeout_s)
         # Block 0 is reserved: the others hold requests.
         capacity = (warmup.num_blocks - 1) * warmup.block_size
-        resolved = resolve_limits(config, max_position_embeddings=info.max_position_embeddings,
-                                  kv_capacity_tokens=capacity)
+        resolved = resolve_limits(config, **device, kv_capacity_tokens=capacity)
         tokenizer = await tokenizer_task
     except BaseException:
         tokenizer_task.cancel()
         await client.close()
         raise
     logger.info("serving %s: max_input_tokens=%s max_total_tokens=%s "
-                "max_batch_prefill_tokens=%s max_batch_total_tokens=%s (%d KV blocks of %d)",
+                "max_batch_prefill_tokens=%s max_batch_total_tokens=%s (%d KV blocks of %d) "
+                "max_batch_size=%s max_concurrent_requests=%s",
                 config.served_model_name, resolved.max_input_tokens, resolved.max_total_tokens,
                 resolved.max_batch_prefill_tokens, resolved.max_batch_total_tokens,
-                warmup.num_blocks, warmup.block_size)
+                warmup.num_blocks, warmup.block_size, resolved.max_batch_size,
+                resolved.max_concurrent_requests)
     engine = _engine(resolved, config.max_batch_total_tokens, client, warmup.num_blocks,
                      warmup.block_size, metrics, kv_events, info.runs_ahead)
     return client, engine, tokenizer, resolved, model_info(config, info, warmup.block_size)

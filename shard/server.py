@@ -29,6 +29,7 @@ from shardgen.shard.config import ShardConfig
 from shardgen.shard.interceptor import ExceptionToStatusInterceptor
 from shardgen.shard.rpc_tracing import TracingInterceptor
 from shardgen.shard.runner import ModelRunner
+from shardgen.shard.warmup import device_memory_bytes
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,7 +77,8 @@ class ShardServicer(generate_pb2_grpc.TextGenerationServiceServicer):
             device_type=self._runner.device.type, block_size=self._runner.spec.block_size,
             world_size=config.world_size, rank=config.rank, vocab_size=facts.vocab_size,
             max_position_embeddings=facts.max_positions, eos_token_ids=facts.eos_token_ids,
-            version=shard_version(), runs_ahead=self._runner.run_ahead)
+            version=shard_version(), runs_ahead=self._runner.run_ahead,
+            device_memory_bytes=device_memory_bytes(self._runner.device))
 
     async def Health(self, request: generate_pb2.HealthRequest,
                      context: grpc.aio.ServicerContext) -> generate_pb2.HealthResponse:

@@ -101,6 +101,13 @@ def graph_reserve_bytes(max_graph_batch: int, vocab_size: int, hidden_size: int,
     return max(decode, varlen) + _GRAPH_SLACK_BYTES
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device in bytes, 0 for a CPU (Info reports it to the router)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def cuda_num_blocks(spec: KVCacheSpec, device: torch.device, memory_fraction: float,
                     temporary_cache_bytes: int, reserved_bytes: int = 0) -> int:
     """Blocks that fit after a warm-up step, from the allocator's statistics.

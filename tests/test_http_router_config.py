@@ -7,16 +7,19 @@ import dataclasses
 import pytest
 
 from shardgen.router.config import (DEFAULT_MAX_BATCH_PREFILL_TOKENS, DEFAULT_MAX_TOTAL_TOKENS,
-                                    ConfigError, RouterConfig, build_parser, parse_args,
-                                    resolve_limits)
+                                    ConfigError, RouterConfig, build_parser, device_defaults,
+                                    parse_args, resolve_limits)
+
+GIB = 2**30
 
 
 def test_defaults() -> None:
     config = parse_args(["--model-id", "/models/m"])
     assert config.tokenizer == "/models/m" and config.served_model_name == "/models/m"
     assert (config.hostname, config.port, config.num_shard) == ("127.0.0.1", 3000, 1)
-    assert (config.max_concurrent_requests, config.max_best_of, config.max_stop_sequences,
-            config.max_top_n_tokens) == (128, 2, 4, 5)
+    assert (config.max_best_of, config.max_stop_sequences, config.max_top_n_tokens) == (2, 4, 5)
+    # Left to the shards' device (resolve_limits).
+    assert config.max_concurrent_requests is None and config.max_batch_size is None
     assert (config.waiting_served_ratio, config.max_waiting_tokens) == (0.0, 20)
     assert config.payload_limit == 2_000_000
     assert config.enable_prefix_caching and not config.json_output
@@ -94,6 +97,36 @@ def test_limits_default_from_the_model_as_tgi_does() -> None:
     # A longer prompt limit than the default total raises the total to fit it.
     long_input = resolve_limits(config(max_input_tokens=5000), max_position_embeddings=8192)
     assert (long_input.max_input_tokens, long_input.max_total_tokens) == (5000, 5001)
+
+
+def test_batch_limits_on_a_cpu_are_tgis() -> None:
+    resolved = resolve_limits(config(), max_position_embeddings=512)
+    assert (resolved.max_batch_prefill_tokens, resolved.max_batch_size,
+            resolved.max_concurrent_requests) == (4096, None, 128)
+
+
+@pytest.mark.parametrize("memory_gib, prefill", [(80, 8192), (141, 8192), (64, 8192), (24, 4096), (40, 4096)])
+def test_batch_limits_on_a_gpu_follow_its_memory(memory_gib: int, prefill: int) -> None:
+    resolved = resolve_limits(config(), max_position_embeddings=131072, device_type="cuda",
+                              device_memory_bytes=memory_gib * GIB)
+    assert (resolved.max_batch_prefill_tokens, resolved.max_batch_size,
+            resolved.max_concurrent_requests) == (prefill, 256, 512)
+
+
+def test_given_batch_limits_win_over_the_gpus_defaults() -> None:
+    def on_h100(**fields: object) -> RouterConfig:
+        return resolve_limits(config(**fields), max_position_embeddings=8192, device_type="cuda",
+                              device_memory_bytes=80 * GIB)
+
+    given = on_h100(max_batch_prefill_tokens=2048, max_batch_size=32, max_concurrent_requests=40)
+    assert (given.max_batch_prefill_tokens, given.max_batch_size, given.max_concurrent_requests) == (
+        2048, 32, 40)
+    # The queue is twice the batch the user gave (at least TGI's 128)...
+    assert on_h100(max_batch_size=512).max_concurrent_requests == 1024
+    assert on_h100(max_batch_size=16).max_concurrent_requests == 128
+    # ... and a smaller queue bounds the default batch: a step never holds more.
+    assert on_h100(max_concurrent_requests=64).max_batch_size == 64
+    assert device_defaults("cuda", 80 * GIB, max_batch_size=300).max_concurrent_requests == 600
 
 
 def test_max_batch_total_tokens_defaults_to_the_kv_capacity() -> None:

@@ -53,6 +53,7 @@ def test_steps_fail_cleanly_before_warmup() -> None:
 def test_info_and_discovery_describe_the_shard(shard: InProcessShard) -> None:
     info = shard.stub.Info(generate_pb2.InfoRequest())
     assert (info.architecture, info.dtype, info.device_type) == ("LlamaForCausalLM", "float32", "cpu")
+    assert info.device_memory_bytes == 0  # a CPU's memory sizes no batch default
     assert (info.block_size, info.world_size, info.rank) == (BLOCK_SIZE, 1, 0)
     assert (info.vocab_size, info.max_position_embeddings) == (512, 512)
     assert sorted(info.eos_token_ids) == [1, 2]  # config.json's 2 and generation_config's 1
