@@ -104,11 +104,17 @@ class ShardClient:
                 await asyncio.sleep(min(0.2, max(remaining, 0.0)))
 
     async def warmup(self, max_batch_prefill_tokens: int, max_batch_size: int,
-                     max_total_tokens: int, timeout_s: float) -> generate_pb2.WarmupResponse:
-        """Warm every shard up; answers the smallest num_blocks over the shards."""
+                     max_total_tokens: int, timeout_s: float, *,
+                     max_total_tokens_may_shrink: bool = False) -> generate_pb2.WarmupResponse:
+        """Warm every shard up; answers the smallest num_blocks over the shards.
+
+        max_total_tokens_may_shrink: the shards answer with the blocks they hold where one
+        sequence of max_total_tokens does not fit, instead of failing (WarmupRequest).
+        """
         request = generate_pb2.WarmupRequest(max_batch_prefill_tokens=max_batch_prefill_tokens,
                                              max_batch_size=max_batch_size,
-                                             max_total_tokens=max_total_tokens)
+                                             max_total_tokens=max_total_tokens,
+                                             max_total_tokens_may_shrink=max_total_tokens_may_shrink)
         answers = await self._broadcast("Warmup", request, timeout_s)
         block_sizes = {answer.block_size for answer in answers}
         if len(block_sizes) != 1:

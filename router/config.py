@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from shardgen.router.scheduler import SCHEDULING_POLICIES
 from shardgen.router.tokenization import DEFAULT_WORKERS
 
-# TGI's default ceiling on the longest sequence when the model allows more.
+# TGI's default ceiling on the longest sequence when the model allows more (on a CPU; a
+# GPU serves the model's whole context by default, `_default_max_total_tokens`).
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 # Prompt tokens computed in one step by default; longer prompts are prefilled in chunks.
 DEFAULT_MAX_BATCH_PREFILL_TOKENS = 4096
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-tokens", type=_positive_int, default=None,
                    help="default: --max-total-tokens minus 1")
     p.add_argument("--max-total-tokens", type=_positive_int, default=None,
-                   help=f"default: min(max_position_embeddings, {DEFAULT_MAX_TOTAL_TOKENS})")
+                   help=f"default: min(max_position_embeddings, {DEFAULT_MAX_TOTAL_TOKENS}); on a "
+                        f"GPU max_position_embeddings, or what the KV cache holds if less")
     p.add_argument("--max-batch-prefill-tokens", type=_positive_int, default=None,
                    help=f"prompt tokens computed in one step; longer prompts are chunked "
                         f"(default: {DEFAULT_MAX_BATCH_PREFILL_TOKENS}; "
@@ -299,9 +301,8 @@ def resolve_limits(config: RouterConfig, *, max_position_embeddings: int,
         batch = min(defaults.max_batch_size, concurrent)
     total = config.max_total_tokens
     if total is None:
-        total = min(max_position_embeddings, DEFAULT_MAX_TOTAL_TOKENS)
-        if config.max_input_tokens is not None and config.max_input_tokens >= total:
-            total = min(max_position_embeddings, config.max_input_tokens + 1)
+        total = _default_max_total_tokens(config, max_position_embeddings, device_type,
+                                          kv_capacity_tokens)
     if total > max_position_embeddings:
         raise ConfigError(f"--max-total-tokens ({total}) exceeds the model's "
                           f"max_position_embeddings ({max_position_embeddings})")
@@ -316,13 +317,30 @@ def resolve_limits(config: RouterConfig, *, max_position_embeddings: int,
     elif kv_capacity_tokens is not None:
         if kv_capacity_tokens < total:
             raise ConfigError(f"the shards' KV cache holds {kv_capacity_tokens} tokens, fewer "
-                              f"than --max-total-tokens ({total}): lower --max-total-tokens "
-                              f"or give the shards more KV memory")
+                              f"than one sequence of --max-total-tokens ({total}): lower "
+                              f"--max-total-tokens (or --max-input-tokens) or give the shards "
+                              f"more KV memory")
         batch_total = kv_capacity_tokens
     return dataclasses.replace(config, max_total_tokens=total, max_input_tokens=max_input,
                                max_batch_prefill_tokens=prefill,
                                max_batch_total_tokens=batch_total, max_batch_size=batch,
                                max_concurrent_requests=concurrent)
+
+
+def _default_max_total_tokens(config: RouterConfig, max_position_embeddings: int,
+                              device_type: str, kv_capacity_tokens: int | None) -> int:
+    """The longest sequence when --max-total-tokens is not given: TGI's min(model, 4096) on a
+    CPU; on a GPU the model's whole context as far as the KV cache (and
+    --max-batch-total-tokens) holds it, as vLLM and TGI 3 do; in both cases at least
+    --max-input-tokens + 1."""
+    if device_type == "cuda":
+        bounds = (max_position_embeddings, kv_capacity_tokens, config.max_batch_total_tokens)
+        total = min(bound for bound in bounds if bound is not None)
+    else:
+        total = min(max_position_embeddings, DEFAULT_MAX_TOTAL_TOKENS)
+    if config.max_input_tokens is not None and config.max_input_tokens >= total:
+        total = min(max_position_embeddings, config.max_input_tokens + 1)
+    return total
 
 
 def _check_batch_total(batch_total: int, max_total: int, kv_capacity_tokens: int | None) -> None:

@@ -101,7 +101,8 @@ async def _start(config: RouterConfig, metrics: Metrics, kv_events: KVEventHub
         warmup = await client.warmup(
             limits.max_batch_prefill_tokens,
             limits.max_batch_size or limits.max_concurrent_requests,
-            limits.max_total_tokens, config.shard_timeout_s)
+            limits.max_total_tokens, config.shard_timeout_s,
+            max_total_tokens_may_shrink=config.max_total_tokens is None)
         # Block 0 is reserved: the others hold requests.
         capacity = (warmup.num_blocks - 1) * warmup.block_size
         resolved = resolve_limits(config, **device, kv_capacity_tokens=capacity)

@@ -240,6 +240,10 @@ class ModelRunner:
             if num_blocks < needed:
                 logger.warning("--num-blocks %d holds fewer than the %d blocks of one sequence "
                                "of max_total_tokens %d", num_blocks, needed, request.max_total_tokens)
+        elif num_blocks < needed and request.max_total_tokens_may_shrink:
+            logger.info("the KV cache holds %d blocks of %d tokens: one sequence may hold %d "
+                        "tokens, not max_total_tokens %d", num_blocks, self.spec.block_size,
+                        (num_blocks - 1) * self.spec.block_size, request.max_total_tokens)
         elif num_blocks < needed:
             raise CapacityError(
                 f"the KV cache fits {num_blocks} blocks of {self.spec.block_size} tokens, fewer "
@@ -251,7 +255,8 @@ class ModelRunner:
                     self.spec.block_size, self.cache.nbytes / 2**20,
                     str(self.spec.dtype).removeprefix("torch."))
         if self.graph_policy.enabled:
-            table_width = required_blocks(request.max_total_tokens, self.spec.block_size)
+            # No sequence holds more blocks than the cache has.
+            table_width = min(needed, num_blocks)
             pool = torch.cuda.graph_pool_handle()
             self.graphs = DecodeGraphs.capture(self.model, self.cache, graph_batch, table_width, pool)
             if graph_tokens:

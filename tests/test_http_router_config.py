@@ -129,6 +129,23 @@ def test_given_batch_limits_win_over_the_gpus_defaults() -> None:
     assert device_defaults("cuda", 80 * GIB, max_batch_size=300).max_concurrent_requests == 600
 
 
+def test_a_gpu_serves_the_models_whole_context_as_far_as_the_kv_cache_holds_it() -> None:
+    def on_gpu(capacity: int | None, **fields: object) -> RouterConfig:
+        return resolve_limits(config(**fields), max_position_embeddings=131072, device_type="cuda",
+                              device_memory_bytes=80 * GIB, kv_capacity_tokens=capacity)
+
+    # Before warm-up the model's limit (the shards may shrink it), after it what fits.
+    assert (on_gpu(None).max_total_tokens, on_gpu(None).max_input_tokens) == (131072, 131071)
+    assert (on_gpu(431312).max_total_tokens, on_gpu(431312).max_input_tokens) == (131072, 131071)
+    assert (on_gpu(50000).max_total_tokens, on_gpu(50000).max_input_tokens) == (50000, 49999)
+    assert on_gpu(431312, max_batch_total_tokens=60000).max_total_tokens == 60000
+    assert on_gpu(431312, max_input_tokens=1000).max_total_tokens == 131072
+    assert on_gpu(431312, max_total_tokens=8192).max_total_tokens == 8192
+    # A prompt limit past what the cache holds is refused, naming both.
+    with pytest.raises(ConfigError, match=r"holds 50000 tokens.*\(70001\)"):
+        on_gpu(50000, max_input_tokens=70000)
+
+
 def test_max_batch_total_tokens_defaults_to_the_kv_capacity() -> None:
     resolved = resolve_limits(config(), max_position_embeddings=512, kv_capacity_tokens=8000)
     assert resolved.max_batch_total_tokens == 8000 and resolved.limits_resolved()

@@ -83,6 +83,14 @@ def test_a_cache_too_small_for_one_sequence_is_an_error(model: torch.nn.Module) 
         runner.warmup(WARMUP)
 
 
+def test_a_limit_that_may_shrink_gets_the_blocks_there_are(model: torch.nn.Module) -> None:
+    runner = _runner(model, kv_cache_bytes=5 * 20480)
+    request = generate_pb2.WarmupRequest()
+    request.CopyFrom(WARMUP)
+    request.max_total_tokens_may_shrink = True
+    assert runner.warmup(request).num_blocks == 5  # the router then serves 4 x 16 tokens
+
+
 def test_projections_warm_at_every_decode_batch_and_full_prefill_size() -> None:
     assert gemm_row_counts(4, 10) == [1, 2, 3, 4, 10, 11, 12, 13, 14]
     assert gemm_row_counts(4, 3) == [1, 2, 3, 4, 5, 6, 7]
