@@ -280,9 +280,11 @@ def _decode_sweep() -> list[object]:
 
 
 def _prefill_sweep() -> list[object]:
+    # 256-row tiles only with 8 warps: 4 would hold a [256, D] fp32 accumulator in 128 threads.
     return [
         PrefillConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-        for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+        for m in (64, 128, 256) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+        if m < 256 or w == 8
     ]
 
 
@@ -311,6 +313,10 @@ def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Ite
         (f"1 prompt {long_prompt}", [0], [long_prompt]),
         (f"4 prompts {512 // k} after {cached} cached", [cached] * 4, [512 // k] * 4),
         (f"chunk {prompt} after {chunk_prefix}", [chunk_prefix], [prompt]),
+        # Long contexts (the default limit on a GPU is the model's, 131,072 for Llama 3.1):
+        # the last 8,192-token chunks of 64K and 100K prompts.
+        (f"chunk {long_prompt} after {57344 // k}", [57344 // k], [long_prompt]),
+        (f"chunk {long_prompt} after {91808 // k}", [91808 // k], [long_prompt]),
         (f"16 decodes ctx {cached} + prompt {1024 // k}", [cached - 1] * 16 + [0], [1] * 16 + [1024 // k]),
         # The shared-prefix load: a burst of cached questions while the others decode.
         (f"56 decodes ctx {2300 // k} + 8 x {128 // k} after {cached}", [2300 // k - 1] * 56 + [cached] * 8,
