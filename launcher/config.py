@@ -63,7 +63,7 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
     ForwardedFlag("--kernel-backend", type=str,
                   help="Hot-path ops: auto (Triton on CUDA, torch on CPU), triton or torch."),
     ForwardedFlag("--cuda-graphs", is_switch=True,
-                  help="Capture decode steps as CUDA graphs (default on a single GPU)."),
+                  help="Capture decode steps as CUDA graphs (default on CUDA)."),
     ForwardedFlag("--no-cuda-graphs", is_switch=True, help="Run decode steps eagerly."),
     ForwardedFlag("--cuda-graph-max-batch-size", help="Largest decode batch captured in a graph."),
     ForwardedFlag("--cuda-graph-max-prefill-tokens",

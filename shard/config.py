@@ -174,7 +174,7 @@ def parse_config(argv: Sequence[str] | None, env: Mapping[str, str],
         otlp_endpoint=args.otlp_endpoint,
         otlp_service_name=args.otlp_service_name,
         kernel_backend=kernel_backend,
-        cuda_graphs=_resolve_cuda_graphs(args.cuda_graphs, device_type, kernel_backend, world_size),
+        cuda_graphs=_resolve_cuda_graphs(args.cuda_graphs, device_type, kernel_backend),
         cuda_graph_max_batch_size=args.cuda_graph_max_batch_size,
         cuda_graph_max_prefill_tokens=args.cuda_graph_max_prefill_tokens,
         run_ahead=device_type == "cuda" if args.run_ahead is None else args.run_ahead,
@@ -216,13 +216,13 @@ def _resolve_kernel_backend(backend: str, device_type: str) -> str:
     return backend
 
 
-def _resolve_cuda_graphs(asked: bool | None, device_type: str, kernel_backend: str,
-                         world_size: int) -> bool:
-    """Default: on for one CUDA rank with the Triton kernels (capturing the collectives of
-    several ranks is not checked yet: ask for it with --cuda-graphs)."""
+def _resolve_cuda_graphs(asked: bool | None, device_type: str, kernel_backend: str) -> bool:
+    """Default: on for CUDA with the Triton kernels, one rank or several (the graphs of a
+    tensor-parallel rank hold its NCCL all-reduces: on two H200s they gave the tokens of one
+    GPU in fp32, and 3.5 ms per token against ~36 eager; benchmark/NOTES.md, issue 9)."""
     possible = device_type == "cuda" and kernel_backend == "triton"
     if asked is None:
-        return possible and world_size == 1
+        return possible
     if asked and not possible:
         raise ConfigError(f"--cuda-graphs needs --device cuda and --kernel-backend triton, got "
                           f"device {device_type} and kernel backend {kernel_backend}")

@@ -25,10 +25,10 @@ def test_the_torch_path_on_cuda_runs_eagerly() -> None:
     assert (config.kernel_backend, config.cuda_graphs) == ("torch", False)
 
 
-def test_several_ranks_capture_only_when_asked() -> None:
+def test_several_ranks_capture_too_unless_told_not_to() -> None:
     env = {"RANK": "0", "WORLD_SIZE": "2"}
-    assert not parse_config(BASE, env, cuda_available=True).cuda_graphs
-    assert parse_config(BASE + ["--cuda-graphs"], env, cuda_available=True).cuda_graphs
+    assert parse_config(BASE, env, cuda_available=True).cuda_graphs
+    assert not parse_config(BASE + ["--no-cuda-graphs"], env, cuda_available=True).cuda_graphs
     assert not parse_config(BASE + ["--no-cuda-graphs"], {}, cuda_available=True).cuda_graphs
 
 
