@@ -113,8 +113,8 @@ def device_defaults(device_type: str, device_memory_bytes: int,
     (what the CUDA graphs cover; `max_batch_size` when the user gave one) and admits twice
     that, at least TGI's 128, so that a full batch has its successors queued; a GPU of
     LARGE_GPU_BYTES or more also computes LARGE_GPU_PREFILL_TOKENS prompt tokens per step
-    (a 256-request load of 1,024-token prompts ran ~16% faster than at 4,096 on an H100,
-    benchmark/NOTES.md).
+    (256 requests of 1,024-token prompts ran 2.4% faster than at 4,096 on an H100 at
+    concurrency 256 and 9.1% at 64; benchmark/NOTES.md, thirteenth pass).
     """
     if device_type != "cuda":
         return DeviceDefaults(DEFAULT_MAX_BATCH_PREFILL_TOKENS, None, DEFAULT_MAX_CONCURRENT_REQUESTS)

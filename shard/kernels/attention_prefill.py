@@ -79,16 +79,15 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
     """Hopper-sized tiles, shrunk as a K/V row grows so that q plus the pipelined K/V
     tiles stay near 100 KB of shared memory (H100/H200 have 227 KB per block).
 
-    Head dim 128 in 16 bits (Llama, Mistral, Qwen2): 64-row tiles (16 tokens x 4 query
-    heads), 32 keys per step, 4 warps, the best summed over the sweep's cases on an H100
-    in two sweeps, and 14-18% faster than 128 x 64 tiles at 8 warps on chunks of long
-    prompts (8,192 tokens after 57K and 92K cached; benchmark/NOTES.md, thirteenth pass).
+    Rows of 129-512 bytes, head dim 128 in 16 bits among them (Llama, Mistral, Qwen2): 64-row
+    tiles (16 tokens x 4 query heads), 32 keys per step, 4 warps; for head dim 128 the best
+    summed over the sweep's cases on an H100 in two sweeps, and 14-18% faster than 128 x 64
+    tiles at 8 warps on chunks of long prompts (8,192 tokens after 57K and 92K cached;
+    benchmark/NOTES.md, thirteenth pass).
     """
     row_bytes = head_dim * dtype.itemsize
     if row_bytes <= 128:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if row_bytes <= 256:
-        return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if row_bytes <= 512:
         return PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     return PrefillConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
