@@ -38,7 +38,7 @@ from shardgen.shard.kernels import activation, attention, kv_cache, linear, norm
 from shardgen.shard.kernels.attention_decode import DecodeConfig
 from shardgen.shard.kernels.linear import LinearConfig
 from shardgen.shard.kernels.attention_prefill import PrefillConfig
-from shardgen.shard.kernels.checks import interpreting
+from shardgen.shard.kernels.checks import interpreting, next_power_of_2
 from shardgen.shard.layers import activation as torch_activation
 from shardgen.shard.layers import attention as torch_attention
 from shardgen.shard.layers import norm as torch_norm
@@ -50,6 +50,8 @@ KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv
 TORCH_GATHER_LIMIT = 16 << 30
 # Rows of x in the linear cases (--linear-rows): decode batches, around the layers' Triton threshold of 16.
 LINEAR_ROWS = "1,4,16,32"
+# Past this many rows the sweep tries tiles of more rows (a batch's GEMM rather than a GEMV).
+MEDIUM_LINEAR_ROWS = 32
 # A CUDA graph replays calls back to back without flushing L2 (50 MB on an H100), so the
 # linear cases cycle through copies of W totalling at least this much: each call streams
 # its weight from HBM, as in a decode step where 32 layers' weights pass between uses.
@@ -383,6 +385,8 @@ def _linear_sweep(m: int) -> list[object]:
         )
     ]
     split = [LinearConfig(block_n=n, block_k=k, num_stages=4, split_k=2) for n, k in ((64, 256), (32, 512))]
+    if m > MEDIUM_LINEAR_ROWS:
+        return _medium_linear_sweep(m)
     if m > 1:
         return dot + split
     broadcast = [
@@ -390,6 +394,23 @@ def _linear_sweep(m: int) -> list[object]:
         for n, k, w, s in ((8, 512, 4, 3), (8, 512, 4, 1), (4, 1024, 4, 3), (8, 1024, 8, 3), (16, 512, 4, 3))
     ]
     return dot + split + broadcast
+
+
+def _medium_linear_sweep(m: int) -> list[object]:
+    """Tiles for more rows than a decode GEMV's (a batch of 33-256): up to 256 rows of x
+    per program, so that W is read once, with 4-8 warps; configs that differ only in a
+    block_m larger than m needs appear once."""
+    configs = {}
+    for bm, n, k, w, s in (
+        (64, 64, 128, 4, 4), (64, 64, 128, 4, 6), (64, 128, 64, 4, 4), (64, 128, 128, 8, 4),
+        (128, 64, 64, 4, 4), (128, 64, 128, 4, 4), (128, 64, 128, 8, 4), (128, 128, 64, 8, 4),
+        (128, 128, 128, 8, 3), (256, 64, 64, 8, 4), (256, 64, 128, 8, 3), (256, 128, 64, 8, 3),
+    ):
+        cfg = LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, block_m=min(bm, next_power_of_2(m)))
+        configs[cfg] = None
+    configs[LinearConfig(block_n=64, block_k=128, num_warps=4, num_stages=4, split_k=2,
+                         block_m=min(128, next_power_of_2(m)))] = None
+    return list(configs)
 
 
 # ------------------------------------------------------------------------ timing

@@ -112,6 +112,18 @@ def test_more_rows_than_one_program_takes() -> None:
 
 
 @needs_kernels
+@pytest.mark.usefixtures("nan_outputs")
+@pytest.mark.parametrize("block_m", [16, 128], ids=["three-row-blocks", "one-row-block"])
+def test_the_config_sets_the_rows_a_program_takes(block_m: int) -> None:
+    """40 rows in row blocks of 16 (the last one ragged) or in one block of 64 (block_m
+    capped at the rows' power of two)."""
+    x = randn(40, 64, dtype=torch.float32, seed=9)
+    weight = randn(48, 64, dtype=torch.float32, seed=10)
+    config = LinearConfig(block_n=16, block_k=32, split_k=1, block_m=block_m)
+    assert_matches(linear(x, weight, None, config), x, weight, None)
+
+
+@needs_kernels
 def test_empty_inputs() -> None:
     weight = randn(5, 8, dtype=torch.float32, seed=9)
     assert linear(randn(0, 8, dtype=torch.float32, seed=1), weight).shape == (0, 5)
@@ -150,6 +162,8 @@ def test_configs_are_validated() -> None:
     with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 8"):
         LinearConfig(block_n=8, block_k=64, use_dot=True)
     assert LinearConfig(block_n=8, block_k=64, use_dot=False).block_n == 8  # the FMA path takes narrow tiles
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16, got 8"):
+        LinearConfig(block_n=16, block_k=64, block_m=8)
 
 
 def test_k_is_split_only_when_the_tiles_leave_most_sms_idle() -> None:

@@ -74,7 +74,8 @@ class LinearConfig:
     """Launch parameters of the linear kernel.
 
     split_k None lets choose_split_k decide from the shape and the SM count (the
-    production setting); a number forces the split (tests, tuning).
+    production setting); a number forces the split (tests, tuning). block_m: the most rows
+    of x one program takes (MAX_BLOCK_M when None); fewer when x has fewer.
     """
 
     block_n: int
@@ -83,10 +84,13 @@ class LinearConfig:
     num_stages: int = 3
     use_dot: bool = True
     split_k: int | None = None
+    block_m: int | None = None
 
     def __post_init__(self) -> None:
         check_tile("block_k", self.block_k)
         check_tile("block_n", self.block_n, minimum=16 if self.use_dot else 1)
+        if self.block_m is not None:
+            check_tile("block_m", self.block_m, minimum=16 if self.use_dot else 1)
         split = self.split_k
         require(
             split is None or 1 <= split <= MAX_SPLIT_K,
@@ -175,9 +179,11 @@ def _linear_kernel(
     this program's K split into out[split, rows, cols] (out then is [splits, M, N]). SCALED
     (fp8 x and W): each product sum is multiplied by x_scale[row] * w_scale[col] first."""
     dependent_launch(USE_PDL)
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # Row blocks vary fastest: the programs that share a W tile run together and read it
+    # from HBM once, the others from L2.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Columns past N wrap around to rows of W that exist (loads need no mask); the store drops them.
@@ -243,7 +249,7 @@ class LaunchPlan(NamedTuple):
 
     config: LinearConfig
     block_m: int
-    grid: tuple[int, int, int]   # (column tiles, K splits, row blocks)
+    grid: tuple[int, int, int]   # (row blocks, column tiles, K splits)
     k_per_split: int
     num_stages: int
 
@@ -254,13 +260,13 @@ def plan_launch(
 ) -> LaunchPlan:
     """The config (config, else the table's), tile sizes and grid for x [m, k] @ W[n, k]^T; m, n, k > 0."""
     cfg = config or default_linear_config(m, n, k)
-    block_m = min(next_power_of_2(m), MAX_BLOCK_M)
+    block_m = min(next_power_of_2(m), cfg.block_m or MAX_BLOCK_M)
     if cfg.use_dot:
         block_m = max(16, block_m)
     n_tiles = triton.cdiv(n, cfg.block_n)
     split = cfg.split_k or choose_split_k(n_tiles, k, cfg.block_k, device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), cfg.block_k) * cfg.block_k
-    grid = (n_tiles, triton.cdiv(k, k_per_split), triton.cdiv(m, block_m))
+    grid = (triton.cdiv(m, block_m), n_tiles, triton.cdiv(k, k_per_split))
     return LaunchPlan(cfg, block_m, grid, k_per_split, pipeline_stages(cfg, block_m, element_size, device))
 
 
@@ -315,7 +321,7 @@ def _launch(
     """Runs the plan: the product into out, through fp32 partials and their sum when K is split."""
     m, k = x.shape
     n = weight.shape[0]
-    cfg, splits = plan.config, plan.grid[1]
+    cfg, splits = plan.config, plan.grid[2]
     target = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     scaled = x_scale is not None
     pdl = dependent_launch_args(x.device)
