@@ -141,9 +141,11 @@ class Sequence:
     # Free blocks when admission last failed for want of blocks; None after it succeeds.
     blocked_at_free: int | None = None
     # Fault isolation (Scheduler.abort_step): steps that failed with it among the suspects
-    # without showing which one was at fault; on trial, its prompt is computed in a step
-    # with no other prompt, and it alone is blamed when that step fails.
+    # without showing which one was at fault, the last of them numbered in `incident`
+    # (0: none); on trial, its prompt is computed in a step with no other prompt, and it
+    # alone is blamed when that step fails.
     shared_failures: int = 0
+    incident: int = 0
     on_trial: bool = False
     # Admitting steps that started a request queued behind this one (shortest-prefill).
     passed_over: int = 0
@@ -252,6 +254,8 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._by_id: dict[int, Sequence] = {}
         self._batch_changed = False
+        # Numbers the failed steps whose suspects went on trial (Sequence.incident).
+        self._incidents = itertools.count(1)
         # Steps since a new request last joined (TGI's waiting_tokens).
         self._steps_since_admission = 0
         # The last plan's next_chunks are the prompts of the next step (admit_ahead).
@@ -434,7 +438,9 @@ class Scheduler:
         suspects are the prompts of the step (the running requests came through the step
         before), or everyone in a step without prompts: a suspect that shared a failed step
         before is blamed, the others go on trial. Everyone not blamed goes back to the front
-        of the queue, to be recomputed as after a preemption.
+        of the queue, to be recomputed as after a preemption. A request blamed on trial or
+        alone explains the failed step it was a suspect of: the other suspects of that step
+        lose the strike it gave them (those not yet tried keep their trial).
         """
         running = list(self._running)
         prompts = [chunk.seq for chunk in plan.chunks if chunk.seq.request_id in self._by_id]
@@ -444,11 +450,14 @@ class Scheduler:
             blamed = seqs
         elif on_trial or len(seqs) == 1:
             blamed = on_trial or seqs
+            self._clear_strikes({seq.incident for seq in blamed} - {0})
         else:
             suspects = prompts or running
             blamed = [seq for seq in suspects if seq.shared_failures > 0]
+            incident = next(self._incidents)
             for seq in suspects:
                 seq.shared_failures += 1
+                seq.incident = incident
                 seq.on_trial = True
         requeued = [seq for seq in seqs if seq not in blamed]
         for seq in blamed:
@@ -459,6 +468,15 @@ class Scheduler:
         self._batch_changed = False
         self._planned_ahead = False   # the shards' step ahead is gone with their cache
         return blamed, requeued
+
+    def _clear_strikes(self, incidents: set[int]) -> None:
+        """The failed steps numbered `incidents` are explained: their suspects lose the
+        strike they took there (a live request holds one strike at most: the second one
+        fails it)."""
+        for seq in self._by_id.values():
+            if seq.incident in incidents:
+                seq.shared_failures -= 1
+                seq.incident = 0
 
     # ------------------------------------------------------------------ steps of schedule()
 

@@ -334,6 +334,43 @@ def test_a_request_fails_at_the_second_failed_step_it_shares():
     assert not scheduler.has_work
 
 
+def test_a_trial_that_finds_the_fault_clears_the_others_of_its_step():
+    """Found on the GPU soak with faults (benchmark/NOTES.md): the innocent suspects of a
+    failed step passed their trials and ran on with their strike; when the trial of the
+    one at fault failed they were recomputed as prompts, and the next bad prompt to join
+    them failed all of them. Once a trial finds the fault, its step is explained."""
+    scheduler, _ = make()
+    for request_id in (2, 3, 1):    # request 1 is the bad one
+        scheduler.add(seq(request_id, 4, max_new_tokens=20))
+    failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+    assert failed == []
+    run(scheduler, scheduler.schedule(0.0))         # 2's trial passes ...
+    run(scheduler, scheduler.schedule(0.0))         # ... and 3's
+    plan = scheduler.schedule(0.0)
+    assert chunks_of(plan) == [(1, 0, 4)]
+    failed, requeued = scheduler.abort_step(plan, isolate=True)
+    assert [s.request_id for s in failed] == [1] and [s.request_id for s in requeued] == [2, 3]
+    assert [(s.on_trial, s.shared_failures) for s in requeued] == [(False, 0), (False, 0)]
+    # Another bad prompt joins their recomputation: nobody is blamed before a trial.
+    scheduler.add(seq(4, 4))
+    plan = scheduler.schedule(0.0)
+    assert [c.seq.request_id for c in plan.chunks] == [2, 3, 4]
+    failed, _ = scheduler.abort_step(plan, isolate=True)
+    assert failed == []
+
+
+def test_the_others_of_an_explained_step_still_get_their_trial():
+    """A suspect not yet tried when another's trial finds the fault loses its strike but
+    keeps its trial: a step can hold two bad prompts."""
+    scheduler, _ = make()
+    scheduler.add(seq(1, 4))
+    scheduler.add(seq(2, 4, max_new_tokens=20))
+    scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
+    failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)   # 1 alone
+    assert [s.request_id for s in failed] == [1]
+    assert (scheduler.get(2).on_trial, scheduler.get(2).shared_failures) == (True, 0)
+
+
 def test_a_running_request_outlives_any_number_of_bad_prompts_that_join_it():
     scheduler, _ = make()
     scheduler.add(seq(1, 4, max_new_tokens=50))
