@@ -17,6 +17,7 @@ A table goes to stdout and everything to JSON (--out). Timings are never asserte
   python benchmark/kernels.py --only decode,prefill --sweep        # also tries tile configs
   python benchmark/kernels.py --cudagraph                          # Triton times without launch overhead
   python benchmark/kernels.py --only linear --cudagraph --sweep     # decode GEMV vs cuBLAS at M = 1..32
+  python benchmark/kernels.py --only linear --cudagraph --sweep --linear-rows 64,128,256   # tiles of more rows
   TRITON_INTERPRET=1 python benchmark/kernels.py --tiny --dtype float16   # CPU: checks only (bf16 dots are wrong there)
 """
 
@@ -48,7 +49,7 @@ KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv
            "prefill", "linear")
 # The torch reference materialises K/V per query head; skip it past this many bytes.
 TORCH_GATHER_LIMIT = 16 << 30
-# Rows of x in the linear cases (--linear-rows): decode batches, around the layers' Triton threshold of 16.
+# Rows of x in the linear cases (--linear-rows): decode batches, up to the layers' Triton threshold of 32.
 LINEAR_ROWS = "1,4,16,32"
 # Past this many rows the sweep tries tiles of more rows (a batch's GEMM rather than a GEMV).
 MEDIUM_LINEAR_ROWS = 32
