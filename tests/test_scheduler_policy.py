@@ -366,7 +366,7 @@ def test_the_others_of_an_explained_step_still_get_their_trial():
     scheduler.add(seq(1, 4))
     scheduler.add(seq(2, 4, max_new_tokens=20))
     scheduler.abort_step(scheduler.schedule(0.0), isolate=True)
-    failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)   # 1 alone
+    failed, _ = scheduler.abort_step(scheduler.schedule(0.0), isolate=True)   # 1's trial
     assert [s.request_id for s in failed] == [1]
     assert (scheduler.get(2).on_trial, scheduler.get(2).shared_failures) == (True, 0)
 

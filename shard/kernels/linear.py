@@ -6,7 +6,7 @@ W [N, K] once at full bandwidth with enough programs in flight. cuBLAS misses th
 decode sizes (too few output tiles without split-K, or split-K plus a reduce kernel).
 
 Algorithm
-  Program (n, s, m) owns output columns [n * BLOCK_N, (n + 1) * BLOCK_N) of rows
+  Program (m, n, s) owns output columns [n * BLOCK_N, (n + 1) * BLOCK_N) of rows
   [m * BLOCK_M, (m + 1) * BLOCK_M) and K range s of the split (BLOCK_K-aligned). It loops
   over K in BLOCK_K steps, loading a [BLOCK_N, BLOCK_K] tile of W (rows of W are
   contiguous along K: coalesced 16-byte loads) and the matching [BLOCK_M, BLOCK_K] slice
@@ -275,8 +275,9 @@ def linear(
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) -> new [M, N] tensor in x's dtype (fp32 accumulation).
 
-    Meant for small M (decode); any M is correct, but W is re-read for every MAX_BLOCK_M
-    rows. x's rows may be strided (dense along K); weight and bias must be contiguous and
+    Meant for small M (decode); any M is correct, but every block of MAX_BLOCK_M rows (or
+    config.block_m) reads W again, from L2 where the blocks of a W tile run together (they
+    are neighbours in the grid). x's rows may be strided (dense along K); weight and bias must be contiguous and
     share x's dtype and device, as in F.linear's common case.
     """
     _check_linear_args(x, weight, bias)
