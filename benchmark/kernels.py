@@ -376,7 +376,9 @@ def _linear_case(name: str, m: int, weights: list[torch.Tensor], dtype: torch.dt
 
 def _linear_sweep(m: int) -> list[object]:
     """Tensor-core tiles (W bytes in flight per program = block_n * block_k * e * num_stages), unsplit and
-    split in 2; broadcast-FMA tiles for one row."""
+    split in 2; broadcast-FMA tiles for one row; past MEDIUM_LINEAR_ROWS rows, _medium_linear_sweep's."""
+    if m > MEDIUM_LINEAR_ROWS:
+        return _medium_linear_sweep(m)
     dot = [
         LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=True, split_k=1)
         for n, k, w, s in (
@@ -386,8 +388,6 @@ def _linear_sweep(m: int) -> list[object]:
         )
     ]
     split = [LinearConfig(block_n=n, block_k=k, num_stages=4, split_k=2) for n, k in ((64, 256), (32, 512))]
-    if m > MEDIUM_LINEAR_ROWS:
-        return _medium_linear_sweep(m)
     if m > 1:
         return dot + split
     broadcast = [
