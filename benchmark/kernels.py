@@ -18,6 +18,7 @@ A table goes to stdout and everything to JSON (--out). Timings are never asserte
   python benchmark/kernels.py --cudagraph                          # Triton times without launch overhead
   python benchmark/kernels.py --only linear --cudagraph --sweep     # decode GEMV vs cuBLAS at M = 1..32
   python benchmark/kernels.py --only linear --cudagraph --sweep --linear-rows 64,128,256   # tiles of more rows
+  python benchmark/kernels.py --only linear_fp8 --cudagraph --sweep   # --quantize fp8's GEMV vs cuBLASLt
   TRITON_INTERPRET=1 python benchmark/kernels.py --tiny --dtype float16   # CPU: checks only (bf16 dots are wrong there)
 """
 
@@ -43,10 +44,11 @@ from shardgen.shard.kernels.checks import interpreting, next_power_of_2
 from shardgen.shard.layers import activation as torch_activation
 from shardgen.shard.layers import attention as torch_attention
 from shardgen.shard.layers import norm as torch_norm
+from shardgen.shard.layers import quant as torch_quant
 from shardgen.shard.layers import rotary as torch_rotary
 
 KERNELS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary", "write_kv", "rotary_and_write_kv", "decode",
-           "prefill", "linear")
+           "prefill", "linear", "linear_fp8")
 # The torch reference materialises K/V per query head; skip it past this many bytes.
 TORCH_GATHER_LIMIT = 16 << 30
 # Rows of x in the linear cases (--linear-rows): decode batches, up to the layers' Triton threshold of 32.
@@ -335,15 +337,19 @@ def prefill_cases(sz: Sizes, dtype: torch.dtype, device: str, tiny: bool) -> Ite
 # ------------------------------------------------------------------------ linear
 
 
-def linear_cases(sz: Sizes, dtype: torch.dtype, device: str, rows: list[int]) -> Iterator[Case]:
-    """The projections of one decoder layer (TP = 1), x of each of `rows` rows."""
-    projections = [
+def _projections(sz: Sizes) -> list[tuple[str, int, int]]:
+    """(name, N, K) of one decoder layer's projections at TP = 1."""
+    return [
         ("qkv", (sz.q_heads + 2 * sz.kv_heads) * sz.head_dim, sz.hidden),
         ("o_proj", sz.hidden, sz.q_heads * sz.head_dim),
         ("gate_up", 2 * sz.intermediate, sz.hidden),
         ("down", sz.hidden, sz.intermediate),
     ]
-    for name, n, k in projections:
+
+
+def linear_cases(sz: Sizes, dtype: torch.dtype, device: str, rows: list[int]) -> Iterator[Case]:
+    """The projections of one decoder layer (TP = 1), x of each of `rows` rows."""
+    for name, n, k in _projections(sz):
         copies = max(1, triton.cdiv(LINEAR_WEIGHT_ROTATION_BYTES, n * k * dtype.itemsize))
         weights = [torch.randn(n, k, dtype=dtype, device=device) / k**0.5 for _ in range(copies)]
         for m in rows:
@@ -374,6 +380,46 @@ def _linear_case(name: str, m: int, weights: list[torch.Tensor], dtype: torch.dt
     )
 
 
+def linear_fp8_cases(sz: Sizes, device: str, rows: list[int]) -> Iterator[Case]:
+    """The projections of one decoder layer under --quantize fp8: e4m3 weights with a scale
+    per output row, x quantized per token, bf16 out; the reference is cuBLASLt's scaled GEMM."""
+    for name, n, k in _projections(sz):
+        copies = max(1, triton.cdiv(LINEAR_WEIGHT_ROTATION_BYTES, n * k))
+        weights = [torch_quant.quantize_weight_fp8(torch.randn(n, k, device=device) / k**0.5) for _ in range(copies)]
+        for m in rows:
+            yield _linear_fp8_case(name, m, weights, device)
+        del weights
+
+
+def _linear_fp8_case(name: str, m: int, weights: list[tuple[torch.Tensor, torch.Tensor]], device: str) -> Case:
+    n, k = weights[0][0].shape
+    x_q, x_scale = torch_quant.quantize_rows_fp8(torch.randn(m, k, dtype=torch.bfloat16, device=device))
+    turn = itertools.count()
+
+    def next_weight() -> tuple[torch.Tensor, torch.Tensor]:
+        return weights[next(turn) % len(weights)]
+
+    def with_config(cfg: object) -> Callable[[], object]:
+        return lambda: linear.linear_fp8(x_q, x_scale, *next_weight(), None, torch.bfloat16,
+                                         config=cfg)  # type: ignore[arg-type]
+
+    def check() -> float:
+        w_q, w_scale = weights[0]
+        return _max_err(linear.linear_fp8(x_q, x_scale, w_q, w_scale, None, torch.bfloat16),
+                        torch_quant.fp8_linear(x_q, x_scale, w_q, w_scale, None, torch.bfloat16))
+
+    return Case(
+        "linear_fp8", f"{name} M={m} N={n} K={k}",
+        with_config(None), lambda: torch_quant.fp8_linear(x_q, x_scale, *next_weight(), None, torch.bfloat16),
+        n * k + m * k + 2 * m * n + 4 * (m + n),
+        flops=2 * m * n * k,
+        check=check,
+        with_config=with_config,
+        configs=_linear_fp8_sweep(m),
+        torch_graph_safe=True,
+    )
+
+
 def _linear_sweep(m: int) -> list[object]:
     """Tensor-core tiles (W bytes in flight per program = block_n * block_k * e * num_stages), unsplit and
     split in 2; broadcast-FMA tiles for one row; past MEDIUM_LINEAR_ROWS rows, _medium_linear_sweep's."""
@@ -393,6 +439,27 @@ def _linear_sweep(m: int) -> list[object]:
     broadcast = [
         LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=False, split_k=1)
         for n, k, w, s in ((8, 512, 4, 3), (8, 512, 4, 1), (4, 1024, 4, 3), (8, 1024, 8, 3), (16, 512, 4, 3))
+    ]
+    return dot + split + broadcast
+
+
+def _linear_fp8_sweep(m: int) -> list[object]:
+    """e4m3 tiles: a byte per W element, so twice _linear_sweep's block_k for the same bytes in
+    flight; split in 2; broadcast-FMA tiles for one row."""
+    dot = [
+        LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=True, split_k=1)
+        for n, k, w, s in (
+            (64, 256, 4, 6), (64, 256, 4, 4), (64, 256, 4, 8), (64, 512, 4, 3), (64, 512, 4, 4), (64, 512, 8, 3),
+            (32, 512, 4, 6), (32, 1024, 4, 3), (16, 1024, 4, 4), (128, 256, 4, 4), (128, 256, 8, 4),
+            (128, 512, 8, 2), (64, 128, 4, 8),
+        )
+    ]
+    split = [LinearConfig(block_n=n, block_k=k, num_stages=s, split_k=2) for n, k, s in ((64, 256, 6), (64, 512, 3))]
+    if m > 1:
+        return dot + split
+    broadcast = [
+        LinearConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, use_dot=False, split_k=1)
+        for n, k, w, s in ((8, 1024, 4, 3), (4, 2048, 4, 3), (8, 2048, 8, 2), (16, 1024, 4, 3))
     ]
     return dot + split + broadcast
 
@@ -514,12 +581,13 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         print(f"{torch.cuda.get_device_name()}: device-to-device copy {bandwidth / 1e9:.0f} GB/s")
     tokens = [int(t) for t in args.tokens.split(",")]
+    linear_rows = [int(m) for m in args.linear_rows.split(",")]
     groups: list[Iterator[Case]] = [
         (c for c in rowwise_cases(sz, dtype, device, tokens) if c.kernel in only),
         decode_cases(sz, dtype, device, args.tiny) if "decode" in only else iter(()),
         prefill_cases(sz, dtype, device, args.tiny) if "prefill" in only else iter(()),
-        linear_cases(sz, dtype, device, [int(m) for m in args.linear_rows.split(",")]) if "linear" in only
-        else iter(()),
+        linear_cases(sz, dtype, device, linear_rows) if "linear" in only else iter(()),
+        linear_fp8_cases(sz, device, linear_rows) if "linear_fp8" in only and cuda else iter(()),
     ]
     rows = []
     print(HEADER)

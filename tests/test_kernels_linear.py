@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from shardgen.shard.distributed import TensorParallelGroup  # noqa: E402
 from shardgen.shard.kernels.linear import (  # noqa: E402
     DEFAULT_CONFIG,
+    FP8_CONFIG,
     LinearConfig,
     choose_split_k,
     default_linear_config,
@@ -179,6 +180,8 @@ def test_the_config_table_picks_by_shape() -> None:
     assert default_linear_config(4, 28672, 4096) == DEFAULT_CONFIG
     assert default_linear_config(1, 4096, 14336).num_stages == 5
     assert default_linear_config(1, 4096, 4096) == DEFAULT_CONFIG
+    assert default_linear_config(1, 28672, 4096, fp8=True).num_stages == 4
+    assert default_linear_config(32, 4096, 14336, fp8=True) == FP8_CONFIG
 
 
 # ------------------------------------------------------------------------------ layers
