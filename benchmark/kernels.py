@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_cases(sz, dtype, device, args.tiny) if "decode" in only else iter(()),
         prefill_cases(sz, dtype, device, args.tiny) if "prefill" in only else iter(()),
         linear_cases(sz, dtype, device, linear_rows) if "linear" in only else iter(()),
-        linear_fp8_cases(sz, device, linear_rows) if "linear_fp8" in only and cuda else iter(()),
+        linear_fp8_cases(sz, device, linear_rows) if "linear_fp8" in only else iter(()),
     ]
     rows = []
     print(HEADER)
