@@ -6,6 +6,9 @@
 
 Weights are drawn on the GPU when there is one (an 8B model takes seconds), scaled so that
 activations stay finite, and saved as bfloat16 safetensors in 5 GB files with an index.
+With --fp8 the projections are stored as llm-compressor's FP8_DYNAMIC scheme stores them
+(compressed-tensors: e4m3 weights with a float32 weight_scale per output channel), each
+quantized from the bf16 weight the same seed draws, as `--quantize fp8` quantizes it at load.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from shardgen.shard.layers.quant import quantize_weight_fp8
+
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
@@ -29,6 +34,17 @@ SHAPES = {
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _FILE_BYTES = 5 * 1024**3
+# config.json's quantization_config under --fp8 (compressed-tensors, FP8_DYNAMIC).
+_FP8_DYNAMIC = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "ignore": ["lm_head"],
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                              "strategy": "token"},
+    }},
+}
 
 
 def config_for(shape: str) -> dict:
@@ -63,11 +79,14 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fp8", action="store_true", help="store the projections in fp8 (compressed-tensors)")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(args.seed)
     cfg = config_for(args.shape)
+    if args.fp8:
+        cfg["quantization_config"] = _FP8_DYNAMIC
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (args.out / "generation_config.json").write_text(json.dumps(
@@ -95,6 +114,9 @@ def main() -> None:
         else:
             std = shape[1] ** -0.5  # keeps each layer's output at unit scale
             tensor = (torch.randn(shape, generator=generator, device=device) * std).to(torch.bfloat16)
+        if args.fp8 and name.endswith("_proj.weight"):
+            tensor, scale = quantize_weight_fp8(tensor)
+            pending[name.replace(".weight", ".weight_scale")] = scale.reshape(-1, 1)
         pending[name] = tensor
         pending_bytes += tensor.numel() * tensor.element_size()
         if pending_bytes >= _FILE_BYTES:

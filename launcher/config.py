@@ -72,7 +72,7 @@ SHARD_FLAGS: tuple[ForwardedFlag, ...] = (
                   help="KV cache storage: auto (the model's dtype) or fp8 (e4m3, unscaled: half the bytes)."),
     ForwardedFlag("--quantize", type=str, choices=QUANTIZE_CHOICES,
                   help="Quantize the projections' weights at load: fp8 (e4m3, per-channel scales; "
-                       "GEMMs on fp8 tensor cores)."),
+                       "GEMMs on fp8 tensor cores). A checkpoint stored in fp8 needs none."),
     ForwardedFlag("--run-ahead", is_switch=True,
                   help="Launch each next decode step before answering (default on CUDA)."),
     ForwardedFlag("--no-run-ahead", is_switch=True, help="Run one step per call, nothing ahead."),

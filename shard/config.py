@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                         help="Quantize the projections' weights when loading: fp8 (float8 e4m3, a "
                              "scale per output channel; inputs quantized per token) halves their "
-                             "bytes and runs the GEMMs on fp8 tensor cores, at some accuracy.")
+                             "bytes and runs the GEMMs on fp8 tensor cores, at some accuracy. A "
+                             "checkpoint stored in fp8 (compressed-tensors) loads as fp8 without it.")
     parser.add_argument("--json-output", action="store_true", help="One JSON object per log line.")
     parser.add_argument("--log-level", default="info", help="Log level (debug, info, warning...).")
     # Forwarded by the launcher with its router flags; accepted so that the command line

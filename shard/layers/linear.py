@@ -22,7 +22,9 @@ scale per output row (quantize_fp8, after loading; shard/layers/quant.py): a cal
 quantizes its input per token (unless it comes quantized) and multiplies on the fp8 tensor
 cores: cuBLASLt's scaled GEMM, or for up to SMALL_BATCH_MAX_ROWS rows on CUDA the Triton
 kernel's fp8 variant (ops.small_batch_linear_fp8), which streams the e4m3 weight nearer the
-copy floor than cuBLASLt does at decode sizes.
+copy floor than cuBLASLt does at decode sizes. A checkpoint stored in fp8 gives the same
+layer without a requantization: hold_fp8_checkpoint before loading, then the weight and its
+`weight_scale` load as stored, each rank keeping the scales of its rows.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from torch import nn
 
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.ops import TORCH_OPS, Ops
-from shardgen.shard.layers.quant import FP8_CUDA_ALIGNMENT, Fp8Rows, fp8_linear, quantize_weight_fp8
-from shardgen.shard.weights import TensorSlice, check_shape, default_weight_loader
+from shardgen.shard.layers.quant import FP8_CUDA_ALIGNMENT, FP8_DTYPE, Fp8Rows, fp8_linear, quantize_weight_fp8
+from shardgen.shard.weights import TensorAsSlice, TensorSlice, check_shape, default_weight_loader
 
 # Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
 SMALL_BATCH_MAX_ROWS = 32
@@ -99,18 +101,56 @@ class ParallelLinear(nn.Module):
         bf16 (cuBLASLt's row-wise scaled GEMM); a ValueError says which layer breaks that.
         """
         weight = self.weight.data
-        if weight.is_cuda:
-            if weight.shape[0] % FP8_CUDA_ALIGNMENT or weight.shape[1] % FP8_CUDA_ALIGNMENT:
-                raise ValueError(f"--quantize fp8 needs weights whose dimensions are multiples of "
-                                 f"{FP8_CUDA_ALIGNMENT} on CUDA; this rank's {type(self).__name__} is "
-                                 f"{list(weight.shape)}")
-            if weight.dtype != torch.bfloat16:
-                raise ValueError(f"--quantize fp8 computes in bfloat16 on CUDA, the model is {weight.dtype}")
+        self._check_fp8_weight(weight)
         quantized, scale = quantize_weight_fp8(weight)
         self._out_dtype = weight.dtype
         self.weight = nn.Parameter(quantized, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
         self._quantize_input = quantize_input
+
+    def hold_fp8_checkpoint(self, quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> None:
+        """Before a checkpoint stored in fp8 loads: the weight becomes an e4m3 tensor that
+        loads as stored, and `weight_scale` a float32 column [out_local, 1] that loads this
+        rank's rows of the checkpoint's scales (_load_scale). fp8_checkpoint_loaded then lays
+        the scales out as quantize_fp8 does. Same conditions as quantize_fp8."""
+        weight = self.weight.data
+        self._check_fp8_weight(weight)
+        self._out_dtype = weight.dtype
+        self.weight = nn.Parameter(torch.empty_like(weight, dtype=FP8_DTYPE), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        column = torch.empty(weight.shape[0], 1, dtype=torch.float32, device=weight.device)
+        self.weight_scale = nn.Parameter(column, requires_grad=False)
+        self.weight_scale.weight_loader = self._load_scale  # type: ignore[attr-defined]
+        self._quantize_input = quantize_input
+
+    def fp8_checkpoint_loaded(self) -> None:
+        """The scales as the fp8 GEMMs take them: [1, out_local] (the loaded column's storage)."""
+        assert self.weight_scale is not None, "hold_fp8_checkpoint comes first"
+        self.weight_scale = nn.Parameter(self.weight_scale.data.view(1, -1), requires_grad=False)
+
+    def _check_fp8_weight(self, weight: torch.Tensor) -> None:
+        if weight.is_cuda:
+            if weight.shape[0] % FP8_CUDA_ALIGNMENT or weight.shape[1] % FP8_CUDA_ALIGNMENT:
+                raise ValueError(f"fp8 weights need dimensions that are multiples of {FP8_CUDA_ALIGNMENT} "
+                                 f"on CUDA; this rank's {type(self).__name__} is {list(weight.shape)}")
+            if weight.dtype != torch.bfloat16:
+                raise ValueError(f"fp8 weights compute in bfloat16 on CUDA, the model is {weight.dtype}")
+
+    def _load_scale(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
+        """A checkpoint's weight_scale into the [out_local, 1] column: one per output row
+        ([N, 1] or [N]), or one for the whole tensor, which each of its rows takes."""
+        scale = loaded[...].to(torch.float32).reshape(-1, 1)
+        if scale.shape[0] == 1:
+            scale = scale.expand(self.checkpoint_rows(*shard_id), 1)
+        self._load_scale_rows(param, TensorAsSlice(scale), *shard_id)
+
+    def checkpoint_rows(self, *shard_id: object) -> int:
+        """Output rows of the checkpoint tensor that `shard_id` names (all ranks together)."""
+        raise NotImplementedError
+
+    def _load_scale_rows(self, param: nn.Parameter, scale: TensorSlice, *shard_id: object) -> None:
+        """A scale per checkpoint row goes where that row of the weight goes."""
+        self.weight_loader(param, scale, *shard_id)
 
     def matmul(self, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in_local] @ weight^T (+ bias): in fp8 once quantized (x as it comes, or already
@@ -141,6 +181,9 @@ class ColumnParallelLinear(ParallelLinear):
         check_shape(loaded, [size * self.tp.world_size, *param.shape[1:]])
         param.data.copy_(loaded[self.tp.rank * size:(self.tp.rank + 1) * size])
 
+    def checkpoint_rows(self, *shard_id: object) -> int:
+        return self.output_size_local * self.tp.world_size
+
 
 class MergedColumnParallelLinear(ParallelLinear):
     """Several column-parallel projections of one input in one matmul.
@@ -156,14 +199,21 @@ class MergedColumnParallelLinear(ParallelLinear):
         super().__init__(input_size, sum(self.local_sizes), bias, tp, ops)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
-        (index,) = shard_id
-        if not isinstance(index, int) or not 0 <= index < len(self.local_sizes):
-            raise ValueError(f"shard id must be an int in [0, {len(self.local_sizes)}), got {index!r}")
+        index = self._part(*shard_id)
         size = self.local_sizes[index]
         offset = sum(self.local_sizes[:index])
         check_shape(loaded, [size * self.tp.world_size, *param.shape[1:]])
         start = self.tp.rank * size
         param.data[offset:offset + size].copy_(loaded[start:start + size])
+
+    def checkpoint_rows(self, *shard_id: object) -> int:
+        return self.local_sizes[self._part(*shard_id)] * self.tp.world_size
+
+    def _part(self, *shard_id: object) -> int:
+        (index,) = shard_id
+        if not isinstance(index, int) or not 0 <= index < len(self.local_sizes):
+            raise ValueError(f"shard id must be an int in [0, {len(self.local_sizes)}), got {index!r}")
+        return index
 
 
 def kv_heads_of_rank(num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -241,6 +291,10 @@ class QKVParallelLinear(ParallelLinear):
         check_shape(loaded, [total * d, *param.shape[1:]])
         param.data[offset:offset + count * d].copy_(loaded[first * d:(first + count) * d])
 
+    def checkpoint_rows(self, *shard_id: object) -> int:
+        (which,) = shard_id
+        return self._placement(which)[0] * self.head_dim
+
 
 class RowParallelLinear(ParallelLinear):
     """y = sum over ranks of x_r W_r^T (+ bias): rank r keeps input columns of its share.
@@ -261,6 +315,12 @@ class RowParallelLinear(ParallelLinear):
         size = self.input_size_local
         check_shape(loaded, [param.shape[0], size * self.tp.world_size])
         param.data.copy_(loaded[:, self.tp.rank * size:(self.tp.rank + 1) * size])
+
+    def checkpoint_rows(self, *shard_id: object) -> int:
+        return self.weight.shape[0]
+
+    def _load_scale_rows(self, param: nn.Parameter, scale: TensorSlice, *shard_id: object) -> None:
+        default_weight_loader(param, scale)   # every rank holds every output row
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if self.tp.world_size == 1:

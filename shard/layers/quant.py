@@ -14,7 +14,12 @@ CUDA) or, for a decode step's few rows on CUDA, the Triton small-batch kernel's 
 reads half the weight bytes (benchmark/NOTES.md). Scales are fp32; a row whose largest
 magnitude is 0 gets the floor MIN_AMAX, so its scale stays finite and its values stay 0.
 This is what vLLM's `--quantization fp8` does with a bf16 checkpoint (per-channel weight
-scales, per-token activation scales); checkpoints stored in fp8 are not read.
+scales, per-token activation scales).
+
+Checkpoints stored in fp8 load as they are (`fp8_checkpoint_strategy`): llm-compressor's
+compressed-tensors format with e4m3 weights and a scale per output channel (FP8_DYNAMIC) or
+per tensor (FP8, whose one scale becomes every row's). Their inputs are quantized per token
+as above; a checkpoint's static input scales (`input_scale`) are not read.
 
 The products are exact in fp32 on both paths; the sums differ in order (and, on CUDA,
 accumulate with Hopper's fast fp8 accumulation), so the torch reference and the GPU agree to
@@ -23,7 +28,8 @@ accumulate with Hopper's fast fp8 accumulation), so the torch reference and the 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +39,54 @@ FP8_MAX = 448.0
 MIN_AMAX = 1e-12
 # cuBLASLt's fp8 GEMM needs both dimensions of the weight to be multiples of 16.
 FP8_CUDA_ALIGNMENT = 16
+
+
+# A checkpoint's weight_scale: one per output channel ([N, 1]) or one per tensor.
+FP8_CHECKPOINT_STRATEGIES = ("channel", "tensor")
+
+
+def fp8_checkpoint_strategy(quantization_config: Mapping[str, Any] | None) -> str | None:
+    """How the projections of a checkpoint stored in fp8 are scaled: "channel" or "tensor";
+    None for a checkpoint without config.json's `quantization_config`.
+
+    Reads compressed-tensors float8 schemes: one config group over the Linear layers,
+    symmetric 8-bit float weights scaled per channel or per tensor, 8-bit float inputs
+    (dynamic per token, or static per tensor: computed per token here), and nothing but
+    the LM head left unquantized. ValueError names what else a checkpoint asks for.
+    """
+    if not quantization_config:
+        return None
+    method = quantization_config.get("quant_method")
+    if method != "compressed-tensors":
+        raise ValueError(f"the checkpoint's quant_method {method!r} is not supported: shardgen reads "
+                         f"compressed-tensors fp8 checkpoints, or quantizes a bf16 one with --quantize fp8")
+    groups = list((quantization_config.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise ValueError(f"a compressed-tensors checkpoint with {len(groups)} config groups is not "
+                         f"supported: shardgen reads one group of fp8 Linear layers")
+    group = groups[0]
+    weights, inputs = group.get("weights") or {}, group.get("input_activations") or {}
+    strategy = weights.get("strategy")
+    if not (_is_fp8_scheme(weights) and strategy in FP8_CHECKPOINT_STRATEGIES
+            and weights.get("symmetric", True) and not weights.get("dynamic", False)):
+        raise ValueError(f"compressed-tensors weights {dict(weights)} are not supported: shardgen reads "
+                         f"8-bit float weights, symmetric, scaled per {' or per '.join(FP8_CHECKPOINT_STRATEGIES)}")
+    if not _is_fp8_scheme(inputs):
+        raise ValueError(f"compressed-tensors input_activations {dict(inputs) or None} are not supported: "
+                         f"shardgen computes fp8 projections on 8-bit float inputs")
+    targets = group.get("targets") or []
+    if list(targets) != ["Linear"]:
+        raise ValueError(f"compressed-tensors targets {targets} are not supported: shardgen reads "
+                         f"checkpoints whose quantized layers are all the Linear ones")
+    ignored = [name for name in quantization_config.get("ignore") or [] if name != "lm_head"]
+    if ignored:
+        raise ValueError(f"compressed-tensors checkpoints that leave {ignored} unquantized are not "
+                         f"supported: shardgen reads those whose every projection is fp8 (and lm_head not)")
+    return str(strategy)
+
+
+def _is_fp8_scheme(scheme: Mapping[str, Any]) -> bool:
+    return scheme.get("type") == "float" and scheme.get("num_bits") == 8
 
 
 class Fp8Rows(NamedTuple):

@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,12 +19,15 @@ from transformers import AutoConfig, PretrainedConfig
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.linear import ParallelLinear
 from shardgen.shard.layers.ops import select_ops
+from shardgen.shard.layers.quant import fp8_checkpoint_strategy
 from shardgen.shard.config import QUANTIZE_CHOICES
 from shardgen.shard.models.base import CausalLM
 from shardgen.shard.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from shardgen.shard.weights import iter_checkpoint
+from shardgen.shard.weights import TensorSlice, iter_checkpoint
 
 __all__ = ["CausalLM", "get_model_class", "load_model", "supported_architectures"]
+
+logger = logging.getLogger(__name__)
 
 # Keyed by the names in config.json's `architectures`.
 _REGISTRY: dict[str, type[CausalLM]] = {
@@ -67,9 +71,13 @@ def load_model(
     for an unsupported architecture, a model that cannot be split over world_size ranks,
     or a head size the Triton kernels cannot take when "triton" is asked for.
     `quantize` "fp8" turns every projection's weight into e4m3 once it is loaded (see
-    shard/layers/quant.py); the embedding and the LM head keep `dtype`.
+    shard/layers/quant.py); the embedding and the LM head keep `dtype`. A checkpoint stored
+    in fp8 (config.json's quantization_config, fp8_checkpoint_strategy) loads its
+    projections as stored, with or without `quantize`; ValueError for a quantization it
+    does not read.
     """
     config = AutoConfig.from_pretrained(model_path)
+    fp8_strategy = fp8_checkpoint_strategy(getattr(config, "quantization_config", None))
     architectures = getattr(config, "architectures", None) or []
     if not architectures:
         raise ValueError(
@@ -80,10 +88,25 @@ def load_model(
     ops = select_ops(kernel_backend, device, _head_dim(config))
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp, ops)
-    model.load_weights(iter_checkpoint(model_path))
-    if quantize is not None:
-        quantize_projections(model, quantize)
+    if fp8_strategy is None:
+        model.load_weights(iter_checkpoint(model_path))
+        if quantize is not None:
+            quantize_projections(model, quantize)
+        return model.eval()
+    projections = [module for module in model.modules() if isinstance(module, ParallelLinear)]
+    for module in projections:
+        module.hold_fp8_checkpoint(model.ops.quantize_rows_fp8)
+    model.load_weights(_without_input_scales(iter_checkpoint(model_path)))
+    for module in projections:
+        module.fp8_checkpoint_loaded()
+    logger.info("%s is stored in fp8: %d projections loaded as e4m3 with a weight scale per %s; inputs "
+                "quantized per token", model_path, len(projections), fp8_strategy)
     return model.eval()
+
+
+def _without_input_scales(tensors: Iterable[tuple[str, TensorSlice]]) -> Iterator[tuple[str, TensorSlice]]:
+    """A checkpoint's tensors but its static input scales: inputs are quantized per token here."""
+    return ((name, tensor) for name, tensor in tensors if not name.endswith(".input_scale"))
 
 
 def quantize_projections(model: CausalLM, quantize: str) -> None:
