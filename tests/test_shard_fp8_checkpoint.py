@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from shard_rpc import STORIES, MiniRouter, running_shard
 from shardgen.proto import generate_pb2
-from shardgen.shard.layers.linear import ParallelLinear
+from shardgen.shard.distributed import TensorParallelGroup
+from shardgen.shard.layers.linear import ColumnParallelLinear, ParallelLinear, fp8_checkpoint_projections
 from shardgen.shard.layers.quant import FP8_DTYPE, fp8_checkpoint_strategy, quantize_rows_fp8, quantize_weight_fp8
 from shardgen.shard.models import load_model
 
@@ -85,6 +86,15 @@ def test_a_channel_checkpoint_loads_the_model_quantize_fp8_makes(tmp_path: Path)
     assert all(same_bytes(got[name].data, expected[name].data) for name in got)
     assert all(module.quantized and module.weight_scale.shape == (1, module.weight.shape[0])
                for module in projections(stored).values())
+
+
+def test_layers_built_for_a_stored_fp8_checkpoint_hold_e4m3_from_the_start() -> None:
+    """Not the model's dtype first: loading an fp8 checkpoint never needs its unquantized size."""
+    tp = TensorParallelGroup(0, 1, None)
+    with fp8_checkpoint_projections(quantize_rows_fp8):
+        layer = ColumnParallelLinear(64, 32, False, tp)
+    assert layer.quantized and layer.weight.dtype == FP8_DTYPE and layer.weight_scale.shape == (32, 1)
+    assert ColumnParallelLinear(64, 32, False, tp).weight.dtype == torch.float32   # outside, as before
 
 
 def test_a_tensor_checkpoint_gives_each_row_its_tensors_scale(tmp_path: Path) -> None:

@@ -23,13 +23,16 @@ quantizes its input per token (unless it comes quantized) and multiplies on the 
 cores: cuBLASLt's scaled GEMM, or for up to SMALL_BATCH_MAX_ROWS rows on CUDA the Triton
 kernel's fp8 variant (ops.small_batch_linear_fp8), which streams the e4m3 weight nearer the
 copy floor than cuBLASLt does at decode sizes. A checkpoint stored in fp8 gives the same
-layer without a requantization: hold_fp8_checkpoint before loading, then the weight and its
-`weight_scale` load as stored, each rank keeping the scales of its rows.
+layer without a requantization: built inside fp8_checkpoint_projections, the layer holds an
+e4m3 weight from the start, and the weight and its `weight_scale` load as stored, each rank
+keeping the scales of its rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,8 @@ from shardgen.shard.weights import TensorAsSlice, TensorSlice, check_shape, defa
 
 # Rows of x up to which ops.small_batch_linear replaces F.linear (a decode step's batch).
 SMALL_BATCH_MAX_ROWS = 32
+# The input quantizer of the layers built inside fp8_checkpoint_projections; None outside.
+_STORED_FP8: ContextVar[Callable[[torch.Tensor], Fp8Rows] | None] = ContextVar("stored_fp8", default=None)
 _SMALL_BATCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -61,6 +66,18 @@ def small_batch_linear_for(ops: Ops, device: torch.device, dtype: torch.dtype) -
     if device.type == "cuda" and dtype in _SMALL_BATCH_DTYPES:
         return ops.small_batch_linear
     return F.linear
+
+
+@contextmanager
+def fp8_checkpoint_projections(quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> Iterator[None]:
+    """ParallelLinear layers built inside hold e4m3 weights from the start (hold_fp8_checkpoint,
+    their inputs quantized by `quantize_input`): a model whose checkpoint stores its
+    projections in fp8 never holds them all in its own dtype, at twice the bytes or more."""
+    token = _STORED_FP8.set(quantize_input)
+    try:
+        yield
+    finally:
+        _STORED_FP8.reset(token)
 
 
 class ParallelLinear(nn.Module):
@@ -84,6 +101,9 @@ class ParallelLinear(nn.Module):
         self.weight_scale: nn.Parameter | None = None
         self._quantize_input: Callable[[torch.Tensor], Fp8Rows] | None = None
         self._out_dtype = self.weight.dtype
+        stored_fp8 = _STORED_FP8.get()
+        if stored_fp8 is not None:
+            self.hold_fp8_checkpoint(stored_fp8)
 
     def weight_loader(self, param: nn.Parameter, loaded: TensorSlice, *shard_id: object) -> None:
         raise NotImplementedError
@@ -109,10 +129,11 @@ class ParallelLinear(nn.Module):
         self._quantize_input = quantize_input
 
     def hold_fp8_checkpoint(self, quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> None:
-        """Before a checkpoint stored in fp8 loads: the weight becomes an e4m3 tensor that
-        loads as stored, and `weight_scale` a float32 column [out_local, 1] that loads this
-        rank's rows of the checkpoint's scales (_load_scale). fp8_checkpoint_loaded then lays
-        the scales out as quantize_fp8 does. Same conditions as quantize_fp8."""
+        """For a checkpoint stored in fp8 (called when built inside fp8_checkpoint_projections):
+        the weight becomes an e4m3 tensor that loads as stored, and `weight_scale` a float32
+        column [out_local, 1] that loads this rank's rows of the checkpoint's scales
+        (_load_scale). fp8_checkpoint_loaded then lays the scales out as quantize_fp8 does.
+        Same conditions as quantize_fp8."""
         weight = self.weight.data
         self._check_fp8_weight(weight)
         self._out_dtype = weight.dtype

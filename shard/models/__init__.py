@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from torch.distributed import ProcessGroup
 from transformers import AutoConfig, PretrainedConfig
 
 from shardgen.shard.distributed import TensorParallelGroup
-from shardgen.shard.layers.linear import ParallelLinear
+from shardgen.shard.layers.linear import ParallelLinear, fp8_checkpoint_projections
 from shardgen.shard.layers.ops import select_ops
 from shardgen.shard.layers.quant import fp8_checkpoint_strategy
 from shardgen.shard.config import QUANTIZE_CHOICES
@@ -86,7 +86,8 @@ def load_model(
     model_class = get_model_class(architectures[0])
     tp = TensorParallelGroup(rank, world_size, process_group)
     ops = select_ops(kernel_backend, device, _head_dim(config))
-    with _default_dtype(dtype), torch.device(device):
+    stored_fp8 = fp8_checkpoint_projections(ops.quantize_rows_fp8) if fp8_strategy else nullcontext()
+    with _default_dtype(dtype), torch.device(device), stored_fp8:
         model = model_class(config, tp, ops)
     if fp8_strategy is None:
         model.load_weights(iter_checkpoint(model_path))
@@ -94,8 +95,6 @@ def load_model(
             quantize_projections(model, quantize)
         return model.eval()
     projections = [module for module in model.modules() if isinstance(module, ParallelLinear)]
-    for module in projections:
-        module.hold_fp8_checkpoint(model.ops.quantize_rows_fp8)
     model.load_weights(_without_input_scales(iter_checkpoint(model_path)))
     for module in projections:
         module.fp8_checkpoint_loaded()
