@@ -96,8 +96,8 @@ class ParallelLinear(nn.Module):
         self._small_batch_linear = small_batch_linear_for(ops, self.weight.device, self.weight.dtype)
         on_cuda = self.weight.device.type == "cuda"
         self._small_batch_linear_fp8 = ops.small_batch_linear_fp8 if on_cuda else fp8_linear
-        # Set by quantize_fp8: the weight's per-row scales [1, out_local], the input quantizer
-        # and the output's dtype (the model's, that the weight had).
+        # Set by quantize_fp8 (or hold_fp8_checkpoint): the weight's per-row scales
+        # [1, out_local], the input quantizer and the output's dtype (the model's).
         self.weight_scale: nn.Parameter | None = None
         self._quantize_input: Callable[[torch.Tensor], Fp8Rows] | None = None
         self._out_dtype = self.weight.dtype
@@ -110,7 +110,8 @@ class ParallelLinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        """Whether quantize_fp8 ran: calls then also take inputs already quantized (Fp8Rows)."""
+        """Whether the weight is e4m3 (quantize_fp8, or a checkpoint stored in fp8): calls then
+        also take inputs already quantized (Fp8Rows)."""
         return self._quantize_input is not None
 
     def quantize_fp8(self, quantize_input: Callable[[torch.Tensor], Fp8Rows]) -> None:
