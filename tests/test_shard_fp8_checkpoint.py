@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shard_rpc import STORIES, MiniRouter, running_shard
+from test_model_harness import save_random_model
+from transformers import LlamaConfig
 from shardgen.proto import generate_pb2
 from shardgen.shard.distributed import TensorParallelGroup
 from shardgen.shard.layers.linear import ColumnParallelLinear, ParallelLinear, fp8_checkpoint_projections
@@ -44,14 +46,16 @@ def fp8_config(strategy: str, **changes: object) -> dict:
     return config
 
 
-def write_fp8_checkpoint(target: Path, strategy: str) -> dict[str, torch.Tensor]:
-    """stories260K with every projection stored as compressed-tensors stores it: the weight
-    in e4m3 and its weight_scale, [N, 1] per channel or [1] per tensor (with a static
-    input_scale beside it, as FP8 checkpoints have). Returns the tensors written."""
-    shutil.copytree(STORIES, target)
+def write_fp8_checkpoint(target: Path, strategy: str, source: Path = STORIES,
+                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """`source` (stories260K) with every projection stored as compressed-tensors stores it:
+    the weight (cast to `dtype` first, when given) in e4m3 and its weight_scale, [N, 1] per
+    channel or [1] per tensor (with a static input_scale beside it, as FP8 checkpoints
+    have). Returns the tensors written."""
+    shutil.copytree(source, target)
     tensors = load_file(target / "model.safetensors")
     for name in [name for name in tensors if name.endswith("_proj.weight")]:
-        weight = tensors[name]
+        weight = tensors[name] if dtype is None else tensors[name].to(dtype)
         if strategy == "channel":
             quantized, scale = quantize_weight_fp8(weight)
             scale = scale.reshape(-1, 1)
@@ -146,6 +150,23 @@ def test_the_shard_generates_what_quantize_fp8_generates(tmp_path: Path) -> None
                             [router.sequences[i].generated for i in range(len(PROMPTS))]))
     assert outputs[0] == outputs[1]
     assert all(len(tokens) == 24 for tokens in outputs[0][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_stored_checkpoint_loads_the_bf16_model_quantize_fp8_makes(tmp_path: Path) -> None:
+    """On CUDA (bf16, dimensions multiples of 16): the same bytes as `--quantize fp8`."""
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    save_random_model(tmp_path / "bf16", config)
+    write_fp8_checkpoint(tmp_path / "fp8", "channel", tmp_path / "bf16", torch.bfloat16)
+    cuda = torch.device("cuda", 0)
+    stored = dict(load_model(tmp_path / "fp8", dtype=torch.bfloat16, device=cuda).named_parameters())
+    quantized = dict(load_model(tmp_path / "bf16", dtype=torch.bfloat16, device=cuda,
+                                quantize="fp8").named_parameters())
+    assert stored.keys() == quantized.keys()
+    assert all(same_bytes(stored[name].data, quantized[name].data) for name in stored)
+    assert stored["model.layers.0.mlp.down_proj.weight"].dtype == FP8_DTYPE
 
 
 def test_checkpoints_without_quantization_have_no_strategy() -> None:

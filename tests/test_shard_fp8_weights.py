@@ -47,6 +47,17 @@ def test_weights_take_one_scale_per_output_channel() -> None:
     assert torch.allclose(quantized.float() * scale.T, weight, rtol=2**-4, atol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_weights_quantize_to_the_bytes_they_take_on_cpu() -> None:
+    """So a checkpoint quantized on one device is what --quantize fp8 makes on another (a
+    tensor over a Python number is a reciprocal-multiply on CUDA: scales were an ulp off)."""
+    weight = torch.randn(256, 128) * 0.2
+    (cpu_values, cpu_scale), (gpu_values, gpu_scale) = quantize_weight_fp8(weight), quantize_weight_fp8(weight.cuda())
+    assert torch.equal(cpu_values.view(torch.uint8), gpu_values.cpu().view(torch.uint8))
+    assert torch.equal(cpu_scale, gpu_scale.cpu())
+
+
 @pytest.mark.parametrize("layer_class", [ColumnParallelLinear, RowParallelLinear])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_quantized_layer_computes_the_contract(layer_class: type[ParallelLinear], bias: bool) -> None:

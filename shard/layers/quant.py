@@ -99,11 +99,13 @@ class Fp8Rows(NamedTuple):
 def quantize_rows_fp8(x: torch.Tensor) -> Fp8Rows:
     """x [M, K] -> (xq [M, K] e4m3, scale [M, 1] fp32) with x ~= xq * scale, per row (torch reference)."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=MIN_AMAX)
-    # A tensor over a tensor: one correctly rounded division (a number over a tensor is
-    # computed by torch as reciprocal-then-multiply, two roundings, and the kernel would differ).
-    inverse = amax.new_full((), FP8_MAX) / amax
+    # Tensors over tensors: correctly rounded divisions, as the kernel's, on every device (a
+    # number over a tensor, or on CUDA a tensor over a number, is computed by torch as
+    # reciprocal-then-multiply: two roundings, an ulp off at times).
+    fp8_max = amax.new_full((), FP8_MAX)
+    inverse = fp8_max / amax
     quantized = (x.float() * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return Fp8Rows(quantized, amax / FP8_MAX)
+    return Fp8Rows(quantized, amax / fp8_max)
 
 
 def quantize_weight_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
