@@ -76,6 +76,8 @@ def load_model(
     projections as stored, with or without `quantize`; ValueError for a quantization it
     does not read.
     """
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     config = AutoConfig.from_pretrained(model_path)
     fp8_strategy = fp8_checkpoint_strategy(getattr(config, "quantization_config", None))
     architectures = getattr(config, "architectures", None) or []
@@ -92,7 +94,7 @@ def load_model(
     if fp8_strategy is None:
         model.load_weights(iter_checkpoint(model_path))
         if quantize is not None:
-            quantize_projections(model, quantize)
+            _quantize_projections(model)
         return model.eval()
     projections = [module for module in model.modules() if isinstance(module, ParallelLinear)]
     model.load_weights(_without_input_scales(iter_checkpoint(model_path)))
@@ -108,11 +110,9 @@ def _without_input_scales(tensors: Iterable[tuple[str, TensorSlice]]) -> Iterato
     return ((name, tensor) for name, tensor in tensors if not name.endswith(".input_scale"))
 
 
-def quantize_projections(model: CausalLM, quantize: str) -> None:
-    """Every tensor-parallel projection of `model` to `quantize` (QUANTIZE_CHOICES), one at a
+def _quantize_projections(model: CausalLM) -> None:
+    """Every tensor-parallel projection of `model` to fp8 (the one QUANTIZE_CHOICES), one at a
     time: the memory in use peaks at the unquantized model plus one projection's fp8 copy."""
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     for module in model.modules():
         if isinstance(module, ParallelLinear):
             module.quantize_fp8(model.ops.quantize_rows_fp8)
