@@ -44,9 +44,12 @@ def build_runner(config: ShardConfig) -> ModelRunner:
     process_group = init_distributed(config.rank, config.world_size, config.master_addr,
                                      config.master_port, device, config.distributed_timeout_s)
     dtype = getattr(torch, config.dtype)
-    model = load_model(config.model_id, dtype=dtype, device=device, rank=config.rank,
-                       world_size=config.world_size, process_group=process_group,
-                       kernel_backend=config.kernel_backend, quantize=config.quantize)
+    try:
+        model = load_model(config.model_id, dtype=dtype, device=device, rank=config.rank,
+                           world_size=config.world_size, process_group=process_group,
+                           kernel_backend=config.kernel_backend, quantize=config.quantize)
+    except ValueError as error:   # the model, its checkpoint or the flags: the user's to change
+        raise ConfigError(f"cannot serve {config.model_id}: {error}") from error
     facts = ModelFacts.read(config.model_id, model)
     logger.info("loaded %s (%s, %s%s on %s, rank %d of %d)", config.model_id, facts.architecture,
                 config.dtype, f", {config.quantize} weights" if config.quantize else "", device, config.rank,
@@ -84,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                   attributes={"shardgen.rank": config.rank})
     try:
         asyncio.run(run(config, faults))
+    except ConfigError as error:
+        logger.error("%s", error)
+        sys.exit(2)
     finally:
         shutdown_tracing()
         destroy_distributed()

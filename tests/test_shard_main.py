@@ -38,3 +38,21 @@ def test_a_bad_flag_value_exits_with_a_clear_message() -> None:
          "--device", "cpu", "--block-size", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--block-size must be at least 1, got 0" in result.stderr
+
+
+def test_a_model_it_cannot_serve_exits_with_one_clear_line(tmp_path: Path) -> None:
+    """A quantization (or architecture, or checkpoint) the shard cannot load: exit 2 with the
+    reason on one log line, not a traceback, which the launcher shows among the shard's last lines."""
+    model = tmp_path / "fbgemm"
+    model.mkdir()
+    for item in STORIES.iterdir():
+        (model / item.name).write_bytes(item.read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
+    (model / "config.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "shardgen.shard", "--model-id", str(model), "--uds-path", str(tmp_path / "s"),
+         "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot serve {model}: the checkpoint's quant_method 'fbgemm_fp8' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
