@@ -266,8 +266,10 @@ class LaunchPlan(NamedTuple):
 def plan_launch(
     m: int, n: int, k: int, element_size: int, device: torch.device, config: LinearConfig | None
 ) -> LaunchPlan:
-    """The config (config, else the table's), tile sizes and grid for x [m, k] @ W[n, k]^T; m, n, k > 0."""
-    cfg = config or default_linear_config(m, n, k)
+    """The config (config, else the table's), tile sizes and grid for x [m, k] @ W[n, k]^T; m, n, k > 0.
+
+    One-byte operands are linear_fp8's e4m3: their table is FP8_CONFIG_TABLE."""
+    cfg = config or default_linear_config(m, n, k, fp8=element_size == 1)
     block_m = min(next_power_of_2(m), cfg.block_m or MAX_BLOCK_M)
     if cfg.use_dot:
         block_m = max(16, block_m)
@@ -318,7 +320,7 @@ def linear_fp8(
     out = torch.empty((m, n), dtype=out_dtype, device=x_q.device)
     if m == 0 or n == 0:
         return out
-    plan = plan_launch(m, n, k, 1, x_q.device, config or default_linear_config(m, n, k, fp8=True))
+    plan = plan_launch(m, n, k, 1, x_q.device, config)
     _launch(x_q, weight, bias, out, x_scale, weight_scale, plan)
     return out
 
