@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +45,7 @@ def test_a_model_it_cannot_serve_exits_with_one_clear_line(tmp_path: Path) -> No
     """A quantization (or architecture, or checkpoint) the shard cannot load: exit 2 with the
     reason on one log line, not a traceback, which the launcher shows among the shard's last lines."""
     model = tmp_path / "fbgemm"
-    model.mkdir()
-    for item in STORIES.iterdir():
-        (model / item.name).write_bytes(item.read_bytes())
+    shutil.copytree(STORIES, model)
     config = json.loads((model / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0}
     (model / "config.json").write_text(json.dumps(config))
