@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from shardgen.router.tokenization import Tokenizer
+from shardgen.router.tokenization import Tokenizer, _backend_encode
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -32,6 +33,40 @@ def test_encode_adds_bos_like_transformers(llama3: Tokenizer) -> None:
         assert expected[0] == llama3.hf.bos_token_id
         assert llama3.encode_sync(text) == expected
         assert asyncio.run(llama3.encode(text)) == expected
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama2", "qwen2", "gpt2"])
+def test_encode_gives_transformers_ids_through_the_backend(name: str) -> None:
+    tokenizer = load(name)
+    hf = tokenizer.hf
+    assert tokenizer._backend_encode is not None and tokenizer._backend_encode_literal is not None
+    rng = random.Random(0)
+    specials = list(hf.all_special_tokens)
+    for i in range(60):
+        text = hf.decode([rng.randrange(hf.vocab_size) for _ in range(rng.randrange(1, 60))])
+        if i % 3 == 0:
+            text = rng.choice(specials) + text + " " + rng.choice(specials)
+        if i % 4 == 0:
+            text = "  \n" + text + "\t 日本語 🙂 12345  "
+        for add, parse in [(True, True), (False, True), (True, False), (False, False)]:
+            expected = hf(text, add_special_tokens=add, split_special_tokens=not parse)["input_ids"]
+            assert tokenizer.encode_sync(text, add, parse_special_tokens=parse) == expected
+
+
+def test_encode_keeps_transformers_where_the_backend_gives_other_ids(llama3: Tokenizer) -> None:
+    class Lowercasing:
+        """A tokenizer whose transformers side changes the text before the backend sees it."""
+
+        def __init__(self, hf: Any) -> None:
+            self.hf = hf
+            self.backend_tokenizer = hf.backend_tokenizer
+            self.all_special_tokens = hf.all_special_tokens
+
+        def __call__(self, text: str, **kwargs: Any) -> Any:
+            return self.hf(text.lower(), **kwargs)
+
+    assert _backend_encode(llama3.hf) is not None
+    assert _backend_encode(Lowercasing(llama3.hf)) is None
 
 
 def test_special_tokens_include_added_special_ones(llama3: Tokenizer) -> None:
