@@ -16,9 +16,14 @@ measurements say whether that is the device or only the floor's arithmetic:
              for ~0.7 s per figure and round robin over M, so that the clocks a long prefill
              phase settles at fall on every M alike (shard_step.py's matmul rate is one
              8192^3 product at a time, the rate of a burst).
+  read       GB/s that S programs, one per SM, pull from HBM with plain loads through
+             registers (as the decode attention loads K/V): how many SMs a memory-bound
+             kernel needs, i.e. the SM time that a schedule running decode attention beside
+             the GEMMs on SMs of its own would still give it.
 
   python benchmark/overlap.py --out results/overlap.json
   python benchmark/overlap.py --carveouts 0,16,32 --skip-sustained
+  python benchmark/overlap.py --pairs "" --skip-sustained --read-sms 8,16,32,66,132
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from kernels import LLAMA_8B, make_paged_batch  # benchmark/kernels.py, beside this script
 
 from shardgen.shard.kernels import attention
@@ -40,6 +47,8 @@ PROJECTIONS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
 # prefill step, each beside half and a whole c256 batch of decodes.
 DEFAULT_PAIRS = "gate_up:2048:128,gate_up:2048:256,gate_up:8192:128,gate_up:8192:256," \
                 "down:2048:128,down:2048:256,qkv:8192:128,qkv:8192:256"
+# (elements per load, warps, pipeline stages) of the read kernel; each S reports its best.
+READ_CONFIGS = [(4096, 4, 1), (8192, 8, 1), (16384, 8, 1), (16384, 16, 1), (32768, 16, 1), (8192, 8, 3), (16384, 8, 3)]
 
 
 def event_us(fn: Callable[[], object], iters: int) -> float:
@@ -128,6 +137,42 @@ def sustained(rows: list[int], rounds: int, seconds: float, device: torch.device
     return out
 
 
+@triton.jit
+def _read_kernel(x_ptr, sums_ptr, per_program, BLOCK: tl.constexpr, STAGES: tl.constexpr):
+    """Program p sums x[p * per_program, (p + 1) * per_program) in fp32: nothing but reads."""
+    start = tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in tl.range(0, per_program, BLOCK, num_stages=STAGES):
+        acc += tl.load(x_ptr + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(sums_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+def read_bandwidth(programs: list[int], total_bytes: int, device: torch.device) -> list[dict[str, object]]:
+    """Best GB/s over READ_CONFIGS for each count of programs, reading ~total_bytes of bf16 once."""
+    x = torch.randn(total_bytes // 2, device=device, dtype=torch.bfloat16)
+    out = []
+    for count in programs:
+        best: dict[str, object] = {}
+        for block, warps, stages in READ_CONFIGS:
+            per_program = x.numel() // count // block * block
+            sums = torch.empty(count, device=device, dtype=torch.float32)
+
+            def read(per_program: int = per_program, sums: torch.Tensor = sums, block: int = block,
+                     warps: int = warps, stages: int = stages) -> None:
+                _read_kernel[(count,)](x, sums, per_program, BLOCK=block, STAGES=stages, num_warps=warps)
+
+            us = event_us(read, iters=3)
+            gbs = 2 * count * per_program / us / 1e3
+            if gbs > best.get("gbs", 0.0):
+                # The sums must be the data's: a read the compiler dropped would be fast and wrong.
+                want = x[: count * per_program].view(count, per_program).float().sum(dim=1)
+                error = ((sums - want).abs().max() / want.abs().max()).item()
+                best = {"programs": count, "gbs": gbs, "us": us, "block": block, "num_warps": warps,
+                        "num_stages": stages, "max_rel_err": error}
+        out.append(best)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", default=DEFAULT_PAIRS, help="projection:M:B, comma-separated")
@@ -138,6 +183,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="the first is reported but left out of the range")
     parser.add_argument("--seconds", type=float, default=0.7)
     parser.add_argument("--skip-sustained", action="store_true")
+    parser.add_argument("--read-sms", default="", help="program counts of the read measurement, comma-separated")
+    parser.add_argument("--read-gib", type=float, default=2.0, help="bytes each read measurement reads")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -146,7 +193,7 @@ def main() -> None:
     print(f"{'gemm':8} {'M':>5} {'B':>4} {'carve':>5} {'GEMM us':>8} {'TFLOP/s':>7} {'attn us':>8} {'GB/s':>5} "
           f"{'1 stream':>9} {'2 streams':>9} {'saved':>7}")
     pairs = []
-    for spec in args.pairs.split(","):
+    for spec in filter(None, args.pairs.split(",")):
         projection, m, b = spec.split(":")
         for carveout in (int(c) for c in args.carveouts.split(",")):
             row = pair(projection, int(m), int(b), args.context, carveout, args.iters, device)
@@ -164,6 +211,16 @@ def main() -> None:
         for m in rows:
             rates = sorted(r["tflops"] for r in runs if r["m"] == m and r["round"] > 0)
             print(f"  M = {m:5d}: {rates[0]:.0f}-{rates[-1]:.0f} TFLOP/s")
+    if args.read_sms:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        reads = read_bandwidth([int(c) for c in args.read_sms.split(",")], int(args.read_gib * 2**30), device)
+        result["read"] = {"sms": sms, "rows": reads}
+        print(f"\nread, {args.read_gib:g} GiB of bf16 by S programs ({sms} SMs; best of {len(READ_CONFIGS)} configs):")
+        for row in reads:
+            per_program = row["gbs"] / row["programs"]
+            print(f"  S = {row['programs']:4d}: {row['gbs']:6.0f} GB/s ({per_program:5.1f} per program; "
+                  f"block {row['block']}, {row['num_warps']} warps, {row['num_stages']} stages; "
+                  f"sums off by {row['max_rel_err']:.1e})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
