@@ -16,7 +16,7 @@ measurements say whether that is the device or only the floor's arithmetic:
              for ~0.7 s per figure and round robin over M, so that the clocks a long prefill
              phase settles at fall on every M alike (shard_step.py's matmul rate is one
              8192^3 product at a time, the rate of a burst).
-  read       GB/s that S programs, one per SM, pull from HBM with plain loads through
+  read       GB/s that S programs (one per SM up to the SM count) pull from HBM with plain loads through
              registers (as the decode attention loads K/V): how many SMs a memory-bound
              kernel needs, i.e. the SM time that a schedule running decode attention beside
              the GEMMs on SMs of its own would still give it.
@@ -184,16 +184,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.7)
     parser.add_argument("--skip-sustained", action="store_true")
     parser.add_argument("--read-sms", default="", help="program counts of the read measurement, comma-separated")
-    parser.add_argument("--read-gib", type=float, default=2.0, help="bytes each read measurement reads")
+    parser.add_argument("--read-gib", type=float, default=2.0, help="GiB each read measurement reads")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
     result: dict[str, object] = {"device": torch.cuda.get_device_name(device)}
 
-    print(f"{'gemm':8} {'M':>5} {'B':>4} {'carve':>5} {'GEMM us':>8} {'TFLOP/s':>7} {'attn us':>8} {'GB/s':>5} "
-          f"{'1 stream':>9} {'2 streams':>9} {'saved':>7}")
+    specs = [spec for spec in args.pairs.split(",") if spec]
+    if specs:
+        print(f"{'gemm':8} {'M':>5} {'B':>4} {'carve':>5} {'GEMM us':>8} {'TFLOP/s':>7} {'attn us':>8} {'GB/s':>5} "
+              f"{'1 stream':>9} {'2 streams':>9} {'saved':>7}")
     pairs = []
-    for spec in filter(None, args.pairs.split(",")):
+    for spec in specs:
         projection, m, b = spec.split(":")
         for carveout in (int(c) for c in args.carveouts.split(",")):
             row = pair(projection, int(m), int(b), args.context, carveout, args.iters, device)
