@@ -16,10 +16,10 @@ measurements say whether that is the device or only the floor's arithmetic:
              for ~0.7 s per figure and round robin over M, so that the clocks a long prefill
              phase settles at fall on every M alike (shard_step.py's matmul rate is one
              8192^3 product at a time, the rate of a burst).
-  read       GB/s that S programs (one per SM up to the SM count) pull from HBM with plain loads through
-             registers (as the decode attention loads K/V): how many SMs a memory-bound
-             kernel needs, i.e. the SM time that a schedule running decode attention beside
-             the GEMMs on SMs of its own would still give it.
+  read       GB/s that S programs (one per SM, up to the SM count) pull from HBM with
+             plain loads through registers (as the decode attention loads K/V): how many
+             SMs a memory-bound kernel needs, i.e. the SM time that a schedule running
+             decode attention beside the GEMMs on SMs of its own would still give it.
 
   python benchmark/overlap.py --out results/overlap.json
   python benchmark/overlap.py --carveouts 0,16,32 --skip-sustained
@@ -40,6 +40,7 @@ import triton.language as tl
 from kernels import LLAMA_8B, make_paged_batch  # benchmark/kernels.py, beside this script
 
 from shardgen.shard.kernels import attention
+from shardgen.shard.kernels.checks import num_sms
 
 # (in features, out features) of a Llama-3.1-8B layer's projections, one rank.
 PROJECTIONS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -214,7 +215,7 @@ def main() -> None:
             rates = sorted(r["tflops"] for r in runs if r["m"] == m and r["round"] > 0)
             print(f"  M = {m:5d}: {rates[0]:.0f}-{rates[-1]:.0f} TFLOP/s")
     if args.read_sms:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = num_sms(device)
         reads = read_bandwidth([int(c) for c in args.read_sms.split(",")], int(args.read_gib * 2**30), device)
         result["read"] = {"sms": sms, "rows": reads}
         print(f"\nread, {args.read_gib:g} GiB of bf16 by S programs ({sms} SMs; best of {len(READ_CONFIGS)} configs):")
